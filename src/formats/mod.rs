@@ -1,0 +1,512 @@
+//! Format drivers and the block-layer trait they share.
+//!
+//! Every image format implements [`BlockDriver`]; every command works on `dyn BlockDriver`.
+//! [`open`] probes the format (like qemu-img) and opens backing chains; [`create`] makes a new
+//! image from `-o` options.
+
+pub mod options;
+pub mod qcow2;
+pub mod raw;
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{FaultInjector, HostFile, HostOpenOptions, LockMode};
+use crate::qjson::{Json, Obj};
+pub use options::{CreateOpts, OptDesc, OptKind};
+
+/// The maximum depth of a backing chain (qemu's limit is 1000 too).
+pub const MAX_BACKING_DEPTH: usize = 1000;
+
+/// The image formats diskit knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// A plain disk image.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+    /// VMware virtual disk.
+    Vmdk,
+    /// VirtualBox disk image.
+    Vdi,
+}
+
+impl Format {
+    /// qemu-img's name of the format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
+            Format::Vdi => "vdi",
+        }
+    }
+
+    /// Parses qemu-img's format name.
+    pub fn from_name(name: &str) -> Result<Format> {
+        match name {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            "vmdk" => Ok(Format::Vmdk),
+            "vdi" => Ok(Format::Vdi),
+            _ => Err(Error::invalid_arg(format!("Unknown file format '{name}'"))),
+        }
+    }
+
+    /// Formats that have a driver in this build.
+    pub fn supported() -> &'static [Format] {
+        &[Format::Raw, Format::Qcow2]
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a guest range lives in one layer of the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Plain data in this image's file (or its data file) at `host_offset`.
+    Data {
+        /// Offset in the host file holding the data.
+        host_offset: u64,
+    },
+    /// Data that must be decoded (qcow2 compressed clusters, stream-optimized grains).
+    Compressed,
+    /// Reads as zero. `explicit`: the image says so (qcow2 zero flag, vdi zero block).
+    Zero {
+        /// Recorded as zero in the metadata, as opposed to a hole in a raw file.
+        explicit: bool,
+    },
+    /// Not in this layer: the backing file decides, else zero.
+    Unallocated,
+}
+
+/// The block-layer trait: what every format driver does.
+///
+/// All methods take `&self`: drivers are shared by the copy engine's worker threads.
+pub trait BlockDriver: Send + Sync {
+    /// The format of this image.
+    fn format(&self) -> Format;
+    /// The file name as the user (or the overlay's backing reference) gave it.
+    fn filename(&self) -> &str;
+    /// The guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+    /// The allocation unit, where the format has one.
+    fn cluster_size(&self) -> Option<u64>;
+    /// Where the guest range starting at `offset` lives, for as long as it stays the same
+    /// kind: returns the mapping and its length (at least 1, at most `max_len`).
+    fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)>;
+    /// Reads the guest view: holes read as zero, backing resolved.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes guest data.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes a range read as zero; `unmap` allows deallocation.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
+    /// Writes one compressed cluster (cluster-aligned `buf` of one cluster, or the tail).
+    fn write_compressed(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Compression is not supported for image format '{}'",
+            self.format()
+        )))
+    }
+    /// Deallocates a range (contents become unspecified but readable).
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<()>;
+    /// The backing image, if any is open.
+    fn backing(&self) -> Option<&dyn BlockDriver>;
+    /// What `qemu-img info` reports of this image.
+    fn info(&self) -> Result<ImageInfo>;
+    /// Flushes and marks the image clean (the last call before dropping a written image).
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+    /// Downcasting to the concrete driver for format-specific extras.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A snapshot as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotInfo {
+    /// Snapshot ID (decimal string in qcow2).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+    /// Creation time, seconds.
+    pub date_sec: u64,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u32,
+    /// Guest clock, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instruction count, if recorded (icount).
+    pub icount: Option<u64>,
+}
+
+impl SnapshotInfo {
+    /// qemu's JSON for one snapshot.
+    pub fn to_json(&self) -> Json {
+        Obj::new()
+            .with("id", self.id.as_str())
+            .with("name", self.name.as_str())
+            .with("vm-state-size", self.vm_state_size)
+            .with("date-sec", self.date_sec)
+            .with("date-nsec", self.date_nsec)
+            .with("vm-clock-sec", self.vm_clock_nsec / 1_000_000_000)
+            .with("vm-clock-nsec", self.vm_clock_nsec % 1_000_000_000)
+            .with_opt("icount", self.icount)
+            .into()
+    }
+}
+
+/// What `qemu-img info` reports of one image (one node of the chain).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInfo {
+    /// The file name.
+    pub filename: String,
+    /// Format name (`qcow2`, ..., or `file` for the protocol child).
+    pub format: String,
+    /// Dirty (lazy refcounts) flag.
+    pub dirty_flag: bool,
+    /// Bytes allocated on the host.
+    pub actual_size: Option<u64>,
+    /// Guest size.
+    pub virtual_size: u64,
+    /// Cluster size, if the format has one.
+    pub cluster_size: Option<u64>,
+    /// Encrypted?
+    pub encrypted: Option<bool>,
+    /// Backing file name as recorded in the image.
+    pub backing_filename: Option<String>,
+    /// Backing file name resolved against the image's directory.
+    pub full_backing_filename: Option<String>,
+    /// Backing format recorded in the image.
+    pub backing_filename_format: Option<String>,
+    /// Internal snapshots.
+    pub snapshots: Vec<SnapshotInfo>,
+    /// `format-specific` as `{ "type": ..., "data": ... }`, and the human dump of it.
+    pub format_specific: Option<(String, Obj)>,
+    /// Child nodes (`file`, data file, extents), each `(name, info)`.
+    pub children: Vec<(String, ImageInfo)>,
+    /// For the protocol node: the `file` format-specific payload.
+    pub protocol: bool,
+}
+
+impl ImageInfo {
+    /// A node for a format driver with everything optional left empty.
+    pub fn new(filename: &str, format: Format, virtual_size: u64) -> ImageInfo {
+        ImageInfo {
+            filename: filename.to_string(),
+            format: format.name().to_string(),
+            dirty_flag: false,
+            actual_size: None,
+            virtual_size,
+            cluster_size: None,
+            encrypted: None,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            snapshots: Vec::new(),
+            format_specific: None,
+            children: Vec::new(),
+            protocol: false,
+        }
+    }
+
+    /// The protocol-layer node (`"format": "file"`) of a host file.
+    pub fn file_node(file: &HostFile) -> Result<ImageInfo> {
+        let len = file.len()?;
+        Ok(ImageInfo {
+            filename: file.display().to_string(),
+            format: "file".to_string(),
+            dirty_flag: false,
+            actual_size: Some(file.allocated_size()?),
+            virtual_size: len,
+            cluster_size: None,
+            encrypted: None,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            snapshots: Vec::new(),
+            format_specific: Some(("file".to_string(), Obj::new())),
+            children: Vec::new(),
+            protocol: true,
+        })
+    }
+
+    /// qemu-img's JSON object for this node (QAPI `ImageInfo`).
+    pub fn to_json(&self) -> Json {
+        let mut o = Obj::new()
+            .with("filename", self.filename.as_str())
+            .with("format", self.format.as_str())
+            .with("dirty-flag", self.dirty_flag)
+            .with_opt("actual-size", self.actual_size)
+            .with("virtual-size", self.virtual_size)
+            .with_opt("cluster-size", self.cluster_size)
+            .with_opt("encrypted", self.encrypted)
+            .with_opt("backing-filename", self.backing_filename.clone())
+            .with_opt("full-backing-filename", self.full_backing_filename.clone())
+            .with_opt(
+                "backing-filename-format",
+                self.backing_filename_format.clone(),
+            );
+        if !self.snapshots.is_empty() {
+            o.push(
+                "snapshots",
+                self.snapshots
+                    .iter()
+                    .map(|s| s.to_json())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if let Some((ty, data)) = &self.format_specific {
+            o.push(
+                "format-specific",
+                Obj::new()
+                    .with("type", ty.as_str())
+                    .with("data", data.clone()),
+            );
+        }
+        o.push(
+            "children",
+            self.children
+                .iter()
+                .map(|(name, info)| {
+                    Json::Obj(
+                        Obj::new()
+                            .with("name", name.as_str())
+                            .with("info", info.to_json()),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+        Json::Obj(o)
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The format, or `None` to probe.
+    pub format: Option<Format>,
+    /// Open for writing.
+    pub write: bool,
+    /// `-U`: do not take QEMU's locks that would conflict with a running QEMU.
+    pub force_share: bool,
+    /// Do not open the backing chain (info, `-u` operations).
+    pub no_backing: bool,
+    /// Open files with O_DIRECT.
+    pub direct: bool,
+    /// Fault injection for tests.
+    pub faults: Option<Arc<FaultInjector>>,
+}
+
+impl OpenOptions {
+    /// Read-only open, probing the format.
+    pub fn read_only() -> Self {
+        Self::default()
+    }
+    /// Read-write open.
+    pub fn read_write() -> Self {
+        OpenOptions {
+            write: true,
+            ..Self::default()
+        }
+    }
+    /// Sets the format.
+    pub fn with_format(mut self, format: Option<Format>) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The host-file options for the image file itself.
+    pub fn host(&self) -> HostOpenOptions {
+        HostOpenOptions {
+            write: self.write,
+            create: false,
+            lock: if self.force_share {
+                LockMode::ForceShare
+            } else if self.write {
+                LockMode::Write
+            } else {
+                LockMode::Read
+            },
+            direct: self.direct,
+            faults: self.faults.clone(),
+        }
+    }
+}
+
+/// State carried while opening a backing chain: depth and the files already open.
+#[derive(Debug, Clone)]
+pub struct OpenCtx {
+    /// Options of the whole open.
+    pub opts: OpenOptions,
+    /// Canonical paths of the images opened so far, top first.
+    pub chain: Vec<PathBuf>,
+    /// The format was probed (not given by the user).
+    pub probed: bool,
+}
+
+impl OpenCtx {
+    /// The context for a backing file: read-only (qemu opens backing files read-only).
+    pub fn for_backing(&self) -> OpenCtx {
+        OpenCtx {
+            opts: OpenOptions {
+                write: false,
+                format: None,
+                ..self.opts.clone()
+            },
+            chain: self.chain.clone(),
+            probed: false,
+        }
+    }
+}
+
+/// Probes the format from the first bytes of a file (at least 512 bytes where available).
+pub fn probe(header: &[u8], filename: &str) -> Format {
+    if qcow2::probe(header) {
+        return Format::Qcow2;
+    }
+    let _ = filename;
+    Format::Raw
+}
+
+const PROBE_LEN: usize = 2048;
+
+/// Opens an image by name.
+pub fn open(filename: &str, opts: &OpenOptions) -> Result<Box<dyn BlockDriver>> {
+    let ctx = OpenCtx {
+        opts: opts.clone(),
+        chain: Vec::new(),
+        probed: false,
+    };
+    open_with_ctx(filename, &ctx)
+}
+
+/// Opens an image inside a chain (used by drivers to open their backing files).
+pub fn open_with_ctx(filename: &str, ctx: &OpenCtx) -> Result<Box<dyn BlockDriver>> {
+    let opts = &ctx.opts;
+    let file = HostFile::open(filename, &opts.host())
+        .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
+    let canonical = std::fs::canonicalize(filename).unwrap_or_else(|_| PathBuf::from(filename));
+    if ctx.chain.contains(&canonical) {
+        return Err(Error::invalid_image(format!(
+            "Backing file '{filename}' creates an infinite loop."
+        )));
+    }
+    if ctx.chain.len() >= MAX_BACKING_DEPTH {
+        return Err(Error::too_large(format!(
+            "Backing chain of '{filename}' is deeper than {MAX_BACKING_DEPTH} images"
+        )));
+    }
+    let mut ctx = ctx.clone();
+    ctx.chain.push(canonical);
+    let (format, probed) = match opts.format {
+        Some(f) => (f, false),
+        None => {
+            let mut head = vec![0u8; PROBE_LEN];
+            file.read_at(&mut head, 0)
+                .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
+            (probe(&head, filename), true)
+        }
+    };
+    ctx.probed = probed;
+    let r = match format {
+        Format::Raw => raw::open(file, filename, &ctx),
+        Format::Qcow2 => qcow2::open(file, filename, &ctx),
+        Format::Vmdk | Format::Vdi => Err(Error::unsupported(format!(
+            "Unknown driver '{}'",
+            format.name()
+        ))),
+    };
+    r.map_err(|e| {
+        if e.kind() == ErrorKind::Locked || e.message().starts_with("Could not open") {
+            e
+        } else {
+            e.context(format!("Could not open '{filename}'"))
+        }
+    })
+}
+
+/// Resolves a backing file name against the directory of the image that names it, as QEMU
+/// does (`bdrv_get_full_backing_filename`): absolute names and protocol names stay as they are.
+pub fn resolve_backing_name(image: &str, backing: &str) -> String {
+    if backing.starts_with('/') || has_protocol(backing) {
+        return backing.to_string();
+    }
+    match image.rfind('/') {
+        Some(pos) => format!("{}{}", &image[..=pos], backing),
+        None => backing.to_string(),
+    }
+}
+
+fn has_protocol(name: &str) -> bool {
+    match name.find(':') {
+        Some(p) => {
+            let before = &name[..p];
+            !before.is_empty()
+                && !before.contains('/')
+                && before
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '+')
+        }
+        None => false,
+    }
+}
+
+/// Opens a backing file named by `image`'s metadata.
+pub fn open_backing(
+    image: &str,
+    backing: &str,
+    backing_format: Option<&str>,
+    ctx: &OpenCtx,
+) -> Result<Box<dyn BlockDriver>> {
+    let full = resolve_backing_name(image, backing);
+    let mut bctx = ctx.for_backing();
+    if let Some(fmt) = backing_format {
+        bctx.opts.format = Some(Format::from_name(fmt).map_err(|_| {
+            Error::invalid_image(format!("Unknown driver '{fmt}'"))
+                .context("Could not open backing file")
+        })?);
+    }
+    open_with_ctx(&full, &bctx).map_err(|e| {
+        if e.message().contains("creates an infinite loop") {
+            e
+        } else {
+            e.context("Could not open backing file")
+        }
+    })
+}
+
+/// Creates a new image of `format` at `filename`.
+pub fn create(filename: &str, format: Format, opts: &CreateOpts) -> Result<()> {
+    match format {
+        Format::Raw => raw::create(filename, opts),
+        Format::Qcow2 => qcow2::create(filename, opts),
+        Format::Vmdk | Format::Vdi => Err(Error::unsupported(format!(
+            "Format driver '{}' does not support image creation",
+            format.name()
+        ))),
+    }
+}
+
+/// The `-o` options a format accepts when creating, in the order `-o help` lists them.
+pub fn create_options(format: Format) -> &'static [OptDesc] {
+    match format {
+        Format::Raw => raw::CREATE_OPTS,
+        Format::Qcow2 => qcow2::CREATE_OPTS,
+        Format::Vmdk | Format::Vdi => &[],
+    }
+}
+
+/// Path helper: does `path` exist?
+pub fn exists(path: &str) -> bool {
+    Path::new(path).exists()
+}

@@ -1,0 +1,300 @@
+//! `-o key=value` options and sizes, parsed as QEMU parses them.
+
+use crate::error::{Error, Result};
+
+/// The type of an option, as `-o help` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptKind {
+    /// A byte size with optional suffix (`<size>`).
+    Size,
+    /// on/off (`<bool (on/off)>`).
+    Bool,
+    /// A plain number (`<num>`).
+    Number,
+    /// A string (`<str>`).
+    Str,
+}
+
+impl OptKind {
+    fn help_name(self) -> &'static str {
+        match self {
+            OptKind::Size => "<size>",
+            OptKind::Bool => "<bool (on/off)>",
+            OptKind::Number => "<num>",
+            OptKind::Str => "<str>",
+        }
+    }
+}
+
+/// One create option of a format.
+#[derive(Debug, Clone, Copy)]
+pub struct OptDesc {
+    /// Name as given to `-o`.
+    pub name: &'static str,
+    /// Type.
+    pub kind: OptKind,
+    /// Help text shown by `-o help`.
+    pub help: &'static str,
+}
+
+impl OptDesc {
+    /// One line of `-o help`.
+    pub fn help_line(&self) -> String {
+        let left = format!("{}={}", self.name, self.kind.help_name());
+        format!("  {left:<22} - {}", self.help)
+    }
+}
+
+/// Parsed `-o` options (later assignments win), plus the size argument.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOpts {
+    values: Vec<(String, String)>,
+}
+
+impl CreateOpts {
+    /// No options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Parses an option string like `cluster_size=64k,lazy_refcounts=on` (`,,` is a comma).
+    pub fn parse(s: &str) -> Result<CreateOpts> {
+        let mut o = CreateOpts::new();
+        o.merge(s)?;
+        Ok(o)
+    }
+
+    /// Adds the options of another `-o` string.
+    pub fn merge(&mut self, s: &str) -> Result<()> {
+        for item in split_opts(s) {
+            if item.is_empty() {
+                continue;
+            }
+            match item.split_once('=') {
+                Some((k, v)) => self.set(k, v),
+                None => {
+                    // A bare key means key=on; `nokey` means key=off for booleans in QemuOpts.
+                    self.set(&item, "on")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets one option.
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.values.retain(|(k, _)| k != key);
+        self.values.push((key.to_string(), value.to_string()));
+    }
+
+    /// Removes an option.
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        let pos = self.values.iter().position(|(k, _)| k == key)?;
+        Some(self.values.remove(pos).1)
+    }
+
+    /// A raw string value.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// All options in the order given.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Does the user ask for help (`-o help` or `-o ?`)?
+    pub fn wants_help(&self) -> bool {
+        self.values.iter().any(|(k, _)| k == "help" || k == "?")
+    }
+
+    /// A boolean option (`on`/`off`, also `yes`/`no`, `true`/`false`).
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => parse_bool(key, v).map(Some),
+        }
+    }
+
+    /// A size option.
+    pub fn get_size(&self, key: &str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => parse_size(v)
+                .map(Some)
+                .map_err(|_| {
+                    Error::invalid_arg(format!(
+                        "Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+                    ))
+                }),
+        }
+    }
+
+    /// A number option.
+    pub fn get_number(&self, key: &str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => parse_number(v)
+                .map(Some)
+                .ok_or_else(|| Error::invalid_arg(format!("Parameter '{key}' expects a number"))),
+        }
+    }
+
+    /// Fails with qemu's message on the first option not in `known`.
+    pub fn check_known(&self, known: &[OptDesc], filename: &str) -> Result<()> {
+        for (k, _) in &self.values {
+            if !known.iter().any(|d| d.name == k) {
+                return Err(Error::invalid_arg(format!(
+                    "{filename}: Invalid parameter '{k}'"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a QemuOpts string on commas, with `,,` standing for a literal comma.
+pub fn split_opts(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// Parses QEMU's boolean words.
+pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(Error::invalid_arg(format!(
+            "Parameter '{key}' expects 'on' or 'off'"
+        ))),
+    }
+}
+
+fn parse_number(v: &str) -> Option<u64> {
+    let v = v.trim();
+    if let Some(hex) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16).ok()
+    } else {
+        v.parse().ok()
+    }
+}
+
+/// A size that does not parse or does not fit in 64 bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeError;
+
+/// Parses a size like qemu's `qemu_strtosz`: a decimal number (a fraction allowed) or a hex
+/// integer, with an optional suffix B, k/K, M, G, T, P, E (powers of 1024). Bytes by default.
+pub fn parse_size(s: &str) -> std::result::Result<u64, SizeError> {
+    parse_size_default(s, 1)
+}
+
+/// Like [`parse_size`] with a unit for suffix-less numbers.
+pub fn parse_size_default(s: &str, default_unit: u64) -> std::result::Result<u64, SizeError> {
+    let s = s.trim_start();
+    if s.is_empty() || s.starts_with('-') {
+        return Err(SizeError);
+    }
+    let (num_part, suffix) = {
+        let hex = s.starts_with("0x") || s.starts_with("0X");
+        let end = if hex {
+            2 + s[2..]
+                .find(|c: char| !c.is_ascii_hexdigit())
+                .unwrap_or(s.len() - 2)
+        } else {
+            s.find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(s.len())
+        };
+        (&s[..end], &s[end..])
+    };
+    let unit: u64 = match suffix {
+        "" => default_unit,
+        "B" | "b" => 1,
+        "K" | "k" => 1 << 10,
+        "M" | "m" => 1 << 20,
+        "G" | "g" => 1 << 30,
+        "T" | "t" => 1 << 40,
+        "P" | "p" => 1 << 50,
+        "E" | "e" => 1 << 60,
+        _ => return Err(SizeError),
+    };
+    if let Some(hex) = num_part
+        .strip_prefix("0x")
+        .or_else(|| num_part.strip_prefix("0X"))
+    {
+        if hex.is_empty() {
+            return Err(SizeError);
+        }
+        let v = u64::from_str_radix(hex, 16).map_err(|_| SizeError)?;
+        return v.checked_mul(unit).ok_or(SizeError);
+    }
+    let (int_s, frac_s) = match num_part.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (num_part, ""),
+    };
+    if int_s.is_empty() && frac_s.is_empty() {
+        return Err(SizeError);
+    }
+    if frac_s.contains('.') {
+        return Err(SizeError);
+    }
+    let int: u64 = if int_s.is_empty() {
+        0
+    } else {
+        int_s.parse().map_err(|_| SizeError)?
+    };
+    let mut total = int.checked_mul(unit).ok_or(SizeError)?;
+    if !frac_s.is_empty() {
+        // fraction * unit, computed exactly enough for 19 digits of fraction
+        let digits = &frac_s[..frac_s.len().min(18)];
+        let frac: u128 = digits.parse().map_err(|_| SizeError)?;
+        let scale = 10u128.pow(digits.len() as u32);
+        let part = frac * unit as u128 / scale;
+        total = total.checked_add(part as u64).ok_or(SizeError)?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("0x200"), Ok(512));
+        assert_eq!(parse_size("1Q"), Err(SizeError));
+        assert_eq!(parse_size("-1"), Err(SizeError));
+        assert_eq!(parse_size("16E"), Err(SizeError));
+        assert_eq!(parse_size(""), Err(SizeError));
+    }
+
+    #[test]
+    fn opts() {
+        let o = CreateOpts::parse("a=1,b=x,,y,c").unwrap();
+        assert_eq!(o.get("a"), Some("1"));
+        assert_eq!(o.get("b"), Some("x,y"));
+        assert_eq!(o.get_bool("c").unwrap(), Some(true));
+    }
+}

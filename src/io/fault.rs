@@ -1,0 +1,106 @@
+//! Fault injection for crash and error tests.
+//!
+//! A [`FaultInjector`] shared by the host files of one test counts their I/O operations
+//! (writes, truncates, flushes). After the configured number, it either silently drops every
+//! further write (a simulated power cut: the process goes on, the disk sees nothing more) or
+//! fails the next operation with an OS error (EIO, ENOSPC).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// What happens once the countdown is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultMode {
+    /// Drop every write and flush from then on (a crash).
+    StopWrites,
+    /// Fail that one operation with this errno, then behave normally.
+    FailOnce(i32),
+    /// Fail every operation from then on with this errno.
+    FailAlways(i32),
+}
+
+/// Counts I/O and injects a fault after `after` operations.
+#[derive(Debug)]
+pub struct FaultInjector {
+    after: u64,
+    mode: FaultMode,
+    count: AtomicU64,
+    fired: AtomicBool,
+    fail_reads: bool,
+}
+
+impl FaultInjector {
+    /// A fault after `after` write-side operations.
+    pub fn new(after: u64, mode: FaultMode) -> Self {
+        FaultInjector {
+            after,
+            mode,
+            count: AtomicU64::new(0),
+            fired: AtomicBool::new(false),
+            fail_reads: false,
+        }
+    }
+
+    /// Also count reads (for EIO on read tests).
+    pub fn counting_reads(mut self) -> Self {
+        self.fail_reads = true;
+        self
+    }
+
+    /// How many operations were seen so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Has the fault been injected?
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Returns Ok(true) to perform the operation, Ok(false) to drop it, Err to fail it.
+    fn tick(&self, what: &str, offset: u64) -> Result<bool> {
+        let n = self.count.fetch_add(1, Ordering::SeqCst);
+        if n < self.after {
+            return Ok(true);
+        }
+        let fail = |errno: i32| {
+            Err(Error::io(
+                std::io::Error::from_raw_os_error(errno),
+                format!("injected fault: {what} at offset {offset:#x}"),
+            ))
+        };
+        match self.mode {
+            FaultMode::StopWrites => {
+                self.fired.store(true, Ordering::SeqCst);
+                Ok(false)
+            }
+            FaultMode::FailOnce(errno) => {
+                if self.fired.swap(true, Ordering::SeqCst) {
+                    Ok(true)
+                } else {
+                    fail(errno)
+                }
+            }
+            FaultMode::FailAlways(errno) => {
+                self.fired.store(true, Ordering::SeqCst);
+                fail(errno)
+            }
+        }
+    }
+
+    pub(crate) fn on_write(&self, offset: u64, _len: usize) -> Result<bool> {
+        self.tick("write", offset)
+    }
+
+    pub(crate) fn on_flush(&self) -> Result<bool> {
+        self.tick("flush", 0)
+    }
+
+    pub(crate) fn on_read(&self, offset: u64, _len: usize) -> Result<()> {
+        if !self.fail_reads || matches!(self.mode, FaultMode::StopWrites) {
+            return Ok(());
+        }
+        self.tick("read", offset).map(|_| ())
+    }
+}

@@ -1,0 +1,363 @@
+//! The host file: positional I/O, sync, sparse-file queries, allocation control, locks and a
+//! fault-injection hook for crash tests.
+//!
+//! Every format driver does its I/O through [`HostFile`], so that locking, error messages
+//! and fault injection are the same everywhere.
+
+pub mod fault;
+pub mod lock;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, ErrorKind, Result};
+pub use fault::FaultInjector;
+pub use lock::LockMode;
+
+/// How to open a host file.
+#[derive(Debug, Clone)]
+pub struct HostOpenOptions {
+    /// Open for writing.
+    pub write: bool,
+    /// Create the file (truncating it) instead of opening an existing one.
+    pub create: bool,
+    /// QEMU lock mode to apply.
+    pub lock: LockMode,
+    /// Bypass the page cache (O_DIRECT).
+    pub direct: bool,
+    /// Optional fault injector (tests).
+    pub faults: Option<Arc<FaultInjector>>,
+}
+
+impl HostOpenOptions {
+    /// Read-only with QEMU's read lock.
+    pub fn read() -> Self {
+        HostOpenOptions {
+            write: false,
+            create: false,
+            lock: LockMode::Read,
+            direct: false,
+            faults: None,
+        }
+    }
+    /// Read-write with QEMU's write lock.
+    pub fn write() -> Self {
+        HostOpenOptions {
+            write: true,
+            lock: LockMode::Write,
+            ..Self::read()
+        }
+    }
+    /// Create (truncate) read-write with QEMU's write lock.
+    pub fn create() -> Self {
+        HostOpenOptions {
+            create: true,
+            ..Self::write()
+        }
+    }
+}
+
+/// An open host file, shared by reference between threads (all I/O is positional).
+#[derive(Debug)]
+pub struct HostFile {
+    file: File,
+    path: PathBuf,
+    display: String,
+    writable: bool,
+    faults: Option<Arc<FaultInjector>>,
+}
+
+impl HostFile {
+    /// Opens `path`. `display` is how the file is named in messages (as the user gave it).
+    pub fn open(path: impl AsRef<Path>, opts: &HostOpenOptions) -> Result<HostFile> {
+        let path = path.as_ref();
+        let display = path.display().to_string();
+        let mut oo = OpenOptions::new();
+        oo.read(true);
+        if opts.write || opts.create {
+            oo.write(true);
+        }
+        if opts.create {
+            oo.create(true).truncate(true);
+        }
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo
+            .open(path)
+            .map_err(|e| Error::io(e, format!("Could not open '{display}'")))?;
+        lock::lock_image(&file, opts.lock, &display)?;
+        Ok(HostFile {
+            file,
+            path: path.to_path_buf(),
+            display,
+            writable: opts.write || opts.create,
+            faults: opts.faults.clone(),
+        })
+    }
+
+    /// The path this file was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The name used in messages.
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    /// Was the file opened for writing?
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The underlying std file.
+    pub fn std_file(&self) -> &File {
+        &self.file
+    }
+
+    /// The fault injector, if any (shared with files opened after this one).
+    pub fn faults(&self) -> Option<&Arc<FaultInjector>> {
+        self.faults.as_ref()
+    }
+
+    fn err(&self, e: std::io::Error, what: &str, offset: u64) -> Error {
+        Error::io(
+            e,
+            format!("{}: {} at offset {:#x} failed", self.display, what, offset),
+        )
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as zero.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err(e, "read", offset + done as u64)),
+            }
+        }
+        if let Some(f) = &self.faults {
+            f.on_read(offset, buf.len())?;
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`, failing if the file ends before.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = self.len()?;
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > len)
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidImage,
+                format!(
+                    "{}: unexpected end of file reading {} bytes at offset {:#x} (file size {})",
+                    self.display,
+                    buf.len(),
+                    offset,
+                    len
+                ),
+            ));
+        }
+        self.read_at(buf, offset)
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(f) = &self.faults {
+            if !f.on_write(offset, buf.len())? {
+                return Ok(());
+            }
+        }
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.err(e, "write", offset))
+    }
+
+    /// Current size of the file in bytes.
+    pub fn len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| Error::io(e, format!("{}: stat failed", self.display)))
+    }
+
+    /// Is the file empty?
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Bytes actually allocated on the host (st_blocks * 512), like `du`.
+    pub fn allocated_size(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.blocks() * 512)
+            .map_err(|e| Error::io(e, format!("{}: stat failed", self.display)))
+    }
+
+    /// Truncates or extends the file.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        if let Some(f) = &self.faults {
+            if !f.on_write(len, 0)? {
+                return Ok(());
+            }
+        }
+        self.file
+            .set_len(len)
+            .map_err(|e| self.err(e, "truncate", len))
+    }
+
+    /// fdatasync: data and the metadata needed to read it.
+    pub fn sync(&self) -> Result<()> {
+        if let Some(f) = &self.faults {
+            if !f.on_flush()? {
+                return Ok(());
+            }
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(e, format!("{}: flush failed", self.display)))
+    }
+
+    fn lseek(&self, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a valid fd.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Ok(Some(r as u64))
+    }
+
+    /// The first offset at or after `offset` that holds data, or `None` past the last data.
+    /// Falls back to "everything is data" where the filesystem cannot say.
+    pub fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
+        match self.lseek(offset, libc::SEEK_DATA) {
+            Ok(r) => Ok(r),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(offset)),
+            Err(e) => Err(self.err(e, "SEEK_DATA", offset)),
+        }
+    }
+
+    /// The first hole at or after `offset` (the end of the file counts as a hole).
+    pub fn seek_hole(&self, offset: u64) -> Result<u64> {
+        match self.lseek(offset, libc::SEEK_HOLE) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => self.len(),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.len(),
+            Err(e) => Err(self.err(e, "SEEK_HOLE", offset)),
+        }
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+        loop {
+            // SAFETY: fallocate on a valid fd.
+            let r = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    mode,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Deallocates a range (it then reads as zero). Returns false where unsupported.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
+        if len == 0 {
+            return Ok(true);
+        }
+        if let Some(f) = &self.faults {
+            if !f.on_write(offset, len as usize)? {
+                return Ok(true);
+            }
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if is_unsupported(&e) => Ok(false),
+            Err(e) => Err(self.err(e, "punch hole", offset)),
+        }
+    }
+
+    /// Makes a range read as zero, keeping it allocated where possible; writes zeroes as a
+    /// last resort.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some(f) = &self.faults {
+            if !f.on_write(offset, len as usize)? {
+                return Ok(());
+            }
+        }
+        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if is_unsupported(&e) => {}
+            Err(e) => return Err(self.err(e, "write zeroes", offset)),
+        }
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.file
+                .write_all_at(&chunk[..n], offset + done)
+                .map_err(|e| self.err(e, "write", offset + done))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Preallocates a range (posix_fallocate semantics, keeps data).
+    pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some(f) = &self.faults {
+            if !f.on_write(offset, len as usize)? {
+                return Ok(());
+            }
+        }
+        self.fallocate(0, offset, len)
+            .map_err(|e| self.err(e, "preallocate", offset))
+    }
+}
+
+fn is_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+/// Is `buf` all zero bytes? (fast path for zero detection)
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (prefix, words, suffix) = unsafe { buf.align_to::<u128>() };
+    prefix.iter().all(|&b| b == 0)
+        && suffix.iter().all(|&b| b == 0)
+        && words.iter().all(|&w| w == 0)
+}
