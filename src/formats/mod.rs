@@ -7,6 +7,8 @@
 pub mod options;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
+pub mod vmdk;
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
@@ -57,7 +59,7 @@ impl Format {
 
     /// Formats that have a driver in this build.
     pub fn supported() -> &'static [Format] {
-        &[Format::Raw, Format::Qcow2]
+        &[Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vdi]
     }
 }
 
@@ -374,6 +376,12 @@ pub fn probe(header: &[u8], filename: &str) -> Format {
     if qcow2::probe(header) {
         return Format::Qcow2;
     }
+    if vmdk::probe(header) {
+        return Format::Vmdk;
+    }
+    if vdi::probe(header) {
+        return Format::Vdi;
+    }
     let _ = filename;
     Format::Raw
 }
@@ -421,10 +429,8 @@ pub fn open_with_ctx(filename: &str, ctx: &OpenCtx) -> Result<Box<dyn BlockDrive
     let r = match format {
         Format::Raw => raw::open(file, filename, &ctx),
         Format::Qcow2 => qcow2::open(file, filename, &ctx),
-        Format::Vmdk | Format::Vdi => Err(Error::unsupported(format!(
-            "Unknown driver '{}'",
-            format.name()
-        ))),
+        Format::Vmdk => vmdk::open(file, filename, &ctx),
+        Format::Vdi => vdi::open(file, filename, &ctx),
     };
     r.map_err(|e| {
         if e.kind() == ErrorKind::Locked || e.message().starts_with("Could not open") {
@@ -490,10 +496,8 @@ pub fn create(filename: &str, format: Format, opts: &CreateOpts) -> Result<()> {
     match format {
         Format::Raw => raw::create(filename, opts),
         Format::Qcow2 => qcow2::create(filename, opts),
-        Format::Vmdk | Format::Vdi => Err(Error::unsupported(format!(
-            "Format driver '{}' does not support image creation",
-            format.name()
-        ))),
+        Format::Vmdk => vmdk::create(filename, opts),
+        Format::Vdi => vdi::create(filename, opts),
     }
 }
 
@@ -502,7 +506,18 @@ pub fn create_options(format: Format) -> &'static [OptDesc] {
     match format {
         Format::Raw => raw::CREATE_OPTS,
         Format::Qcow2 => qcow2::CREATE_OPTS,
-        Format::Vmdk | Format::Vdi => &[],
+        Format::Vmdk => vmdk::CREATE_OPTS,
+        Format::Vdi => vdi::CREATE_OPTS,
+    }
+}
+
+/// The `fmt=... key=value ...` text qemu-img prints after `Formatting 'x', `.
+pub fn create_summary(format: Format, opts: &CreateOpts) -> String {
+    match format {
+        Format::Raw => raw::create_summary(opts),
+        Format::Qcow2 => qcow2::create_summary(opts),
+        Format::Vmdk => vmdk::create_summary(opts),
+        Format::Vdi => vdi::create_summary(opts),
     }
 }
 

@@ -256,3 +256,8 @@ pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
     preallocate(&file, 0, size, mode)?;
     file.sync()
 }
+
+/// The `fmt=raw key=value ...` text qemu-img prints after `Formatting 'x', `.
+pub fn create_summary(opts: &CreateOpts) -> String {
+    crate::formats::options::summary("raw", PROTOCOL_OPTS, opts)
+}

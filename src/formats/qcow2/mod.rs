@@ -26,3 +26,8 @@ pub fn open(_file: HostFile, _filename: &str, _ctx: &OpenCtx) -> Result<Box<dyn 
 pub fn create(_filename: &str, _opts: &CreateOpts) -> Result<()> {
     Err(Error::unsupported("qcow2 creation is not implemented yet"))
 }
+
+/// The `fmt=qcow2 key=value ...` text qemu-img prints after `Formatting 'x', `.
+pub fn create_summary(opts: &CreateOpts) -> String {
+    crate::formats::options::summary("qcow2", CREATE_OPTS, opts)
+}
