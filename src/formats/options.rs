@@ -273,6 +273,29 @@ pub fn parse_size_default(s: &str, default_unit: u64) -> std::result::Result<u64
     Ok(total)
 }
 
+/// `fmt=NAME` followed by `key=value` for every option of `descs` (in that order) that is
+/// set, the way qemu-img announces a new image. Sizes are printed in bytes.
+pub fn summary(fmt: &str, descs: &[OptDesc], opts: &CreateOpts) -> String {
+    let mut s = format!("fmt={fmt}");
+    for d in descs {
+        if let Some(v) = opts.get(d.name) {
+            let v = match d.kind {
+                OptKind::Size => parse_size(v)
+                    .map(|n| n.to_string())
+                    .unwrap_or(v.to_string()),
+                OptKind::Bool => match parse_bool(d.name, v) {
+                    Ok(true) => "on".to_string(),
+                    Ok(false) => "off".to_string(),
+                    Err(_) => v.to_string(),
+                },
+                _ => v.to_string(),
+            };
+            s.push_str(&format!(" {}={}", d.name, v));
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,27 +320,4 @@ mod tests {
         assert_eq!(o.get("b"), Some("x,y"));
         assert_eq!(o.get_bool("c").unwrap(), Some(true));
     }
-}
-
-/// `fmt=NAME` followed by `key=value` for every option of `descs` (in that order) that is
-/// set, the way qemu-img announces a new image. Sizes are printed in bytes.
-pub fn summary(fmt: &str, descs: &[OptDesc], opts: &CreateOpts) -> String {
-    let mut s = format!("fmt={fmt}");
-    for d in descs {
-        if let Some(v) = opts.get(d.name) {
-            let v = match d.kind {
-                OptKind::Size => parse_size(v)
-                    .map(|n| n.to_string())
-                    .unwrap_or(v.to_string()),
-                OptKind::Bool => match parse_bool(d.name, v) {
-                    Ok(true) => "on".to_string(),
-                    Ok(false) => "off".to_string(),
-                    Err(_) => v.to_string(),
-                },
-                _ => v.to_string(),
-            };
-            s.push_str(&format!(" {}={}", d.name, v));
-        }
-    }
-    s
 }
