@@ -2,4 +2,5 @@
 
 pub mod convert;
 pub mod create;
+pub mod engine;
 pub mod info;

@@ -16,7 +16,9 @@ pub fn have_qemu() -> bool {
         if std::env::var("DISKIT_REQUIRE_QEMU").as_deref() == Ok("1") {
             panic!("qemu-img is required (DISKIT_REQUIRE_QEMU=1) but not installed");
         }
-        eprintln!("\n*** SKIPPING: qemu-img not found; install qemu-utils to run interop tests ***\n");
+        eprintln!(
+            "\n*** SKIPPING: qemu-img not found; install qemu-utils to run interop tests ***\n"
+        );
     }
     ok
 }
@@ -152,4 +154,41 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     }
     v.truncate(len);
     v
+}
+
+/// Runs diskit under the name `qemu-img` (a symlink in `dir/.bin`), so that its messages can
+/// be compared line for line with qemu-img's.
+pub fn diskit_as_qemu(dir: &Path, args: &[&str]) -> Output {
+    let bin = dir.join(".bin");
+    let link = bin.join("qemu-img");
+    if !link.exists() {
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(diskit_bin(), &link).unwrap();
+    }
+    Command::new(&link)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running diskit as qemu-img")
+}
+
+/// Runs the same command with qemu-img and with diskit (named qemu-img) and asserts equal
+/// stdout, stderr and exit code. Returns diskit's output.
+pub fn same_as_qemu(dir: &Path, args: &[&str]) -> Output {
+    let q = qemu_img(dir, args);
+    let d = diskit_as_qemu(dir, args);
+    assert_eq!(
+        stderr(&d),
+        stderr(&q),
+        "stderr differs for {args:?}\nqemu stdout: {}\ndiskit stdout: {}",
+        stdout(&q),
+        stdout(&d)
+    );
+    assert_eq!(stdout(&d), stdout(&q), "stdout differs for {args:?}");
+    assert_eq!(
+        d.status.code(),
+        q.status.code(),
+        "exit code differs for {args:?}"
+    );
+    d
 }

@@ -1,0 +1,225 @@
+//! clap definitions of the verbs, and qemu-style wording of parse errors.
+
+use clap::error::{ContextKind, ContextValue, ErrorKind as ClapKind};
+use clap::{Args, Parser};
+
+use super::CliError;
+
+/// Parses `args` (without the verb) into `T`, reporting errors as qemu-img's getopt does.
+pub fn parse<T: Parser>(verb: &'static str, args: &[String]) -> Result<T, CliError> {
+    let mut full = vec![format!("{} {verb}", super::prog())];
+    full.extend(args.iter().cloned());
+    T::try_parse_from(full).map_err(|e| {
+        let arg = match e.get(ContextKind::InvalidArg) {
+            Some(ContextValue::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        let arg = arg.split(' ').next().unwrap_or("").to_string();
+        match e.kind() {
+            ClapKind::DisplayHelp | ClapKind::DisplayVersion => {
+                let _ = e.print();
+                CliError::Exit(0)
+            }
+            ClapKind::UnknownArgument => {
+                if let Some(long) = arg.strip_prefix("--") {
+                    CliError::Getopt(format!("unrecognized option '--{long}'"), verb)
+                } else {
+                    let c = arg.trim_start_matches('-').chars().next().unwrap_or('?');
+                    CliError::Getopt(format!("invalid option -- '{c}'"), verb)
+                }
+            }
+            ClapKind::InvalidValue | ClapKind::NoEquals | ClapKind::MissingRequiredArgument => {
+                // clap names the option by its long form; getopt names it as typed.
+                let typed = args
+                    .iter()
+                    .rev()
+                    .find(|a| a.starts_with('-'))
+                    .cloned()
+                    .unwrap_or_default();
+                let arg = if typed.starts_with("--") || typed.len() < 2 {
+                    arg
+                } else {
+                    typed
+                };
+                if let Some(long) = arg.strip_prefix("--") {
+                    let long = long.split('=').next().unwrap_or(long);
+                    CliError::Getopt(format!("option '--{long}' requires an argument"), verb)
+                } else {
+                    let c = arg.trim_start_matches('-').chars().next().unwrap_or('?');
+                    CliError::Getopt(format!("option requires an argument -- '{c}'"), verb)
+                }
+            }
+            _ => {
+                let text = e.to_string();
+                let first = text
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ")
+                    .to_string();
+                CliError::Getopt(first, verb)
+            }
+        }
+    })
+}
+
+/// Options shared by verbs that open one image.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Common {
+    /// Image format (probed when absent).
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Open in shared mode for concurrent access (no conflicting locks).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Output format: human or json.
+    #[arg(long = "output", value_name = "human|json")]
+    pub output: Option<String>,
+}
+
+/// `info`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Display information about an image",
+    disable_version_flag = true
+)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Display information about the whole backing chain.
+    #[arg(short = 'b', long = "backing-chain")]
+    pub backing_chain: bool,
+    /// Treat FILENAME as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// Image file names.
+    #[arg(allow_hyphen_values = false)]
+    pub files: Vec<String>,
+}
+
+/// `create`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Create and format a new image file",
+    disable_version_flag = true
+)]
+pub struct CreateArgs {
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Format of the new image (default raw).
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Format-specific options (`-o help` lists them).
+    #[arg(short = 'o', long = "options", value_name = "FMT_OPTS")]
+    pub options: Vec<String>,
+    /// Backing file.
+    #[arg(short = 'b', long = "backing", value_name = "BACKING_FILENAME")]
+    pub backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
+    pub backing_format: Option<String>,
+    /// Do not open the backing file.
+    #[arg(short = 'u', long = "backing-unsafe")]
+    pub unsafe_backing: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// FILENAME [SIZE]
+    pub rest: Vec<String>,
+}
+
+/// `convert`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Copy an image to another with optional format conversion",
+    disable_version_flag = true
+)]
+pub struct ConvertArgs {
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Progress as JSON lines on stdout (diskit extension).
+    #[arg(long = "progress-json")]
+    pub progress_json: bool,
+    /// Source format.
+    #[arg(short = 'f', long = "source-format", value_name = "SRC_FMT")]
+    pub format: Option<String>,
+    /// Treat sources as image specifications.
+    #[arg(long = "source-image-opts", alias = "image-opts")]
+    pub image_opts: bool,
+    /// Source snapshot (`snapshot.id=...,snapshot.name=...` or a name).
+    #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT_PARAMS")]
+    pub snapshot_params: Option<String>,
+    /// Source snapshot (deprecated form).
+    #[arg(short = 's', value_name = "SNAPSHOT")]
+    pub snapshot: Option<String>,
+    /// Source cache mode.
+    #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
+    pub src_cache: Option<String>,
+    /// Target format (default raw).
+    #[arg(short = 'O', long = "target-format", value_name = "TGT_FMT")]
+    pub target_format: Option<String>,
+    /// Target is an image specification.
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
+    /// Target format options.
+    #[arg(short = 'o', long = "target-options", value_name = "TGT_OPTS")]
+    pub options: Vec<String>,
+    /// Compress the target.
+    #[arg(short = 'c', long = "compress")]
+    pub compress: bool,
+    /// Target cache mode.
+    #[arg(short = 't', long = "target-cache", value_name = "TGT_CACHE")]
+    pub tgt_cache: Option<String>,
+    /// Backing file of the target.
+    #[arg(short = 'B', long = "backing", value_name = "BACKING_FILENAME")]
+    pub backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
+    pub backing_format: Option<String>,
+    /// Do not create the target.
+    #[arg(short = 'n', long = "no-create")]
+    pub no_create: bool,
+    /// The target reads as zero already.
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
+    /// Minimum run of zeroes to leave unallocated.
+    #[arg(short = 'S', long = "sparse-size", value_name = "SPARSE_SIZE")]
+    pub sparse_size: Option<String>,
+    /// Copy persistent bitmaps.
+    #[arg(long = "bitmaps")]
+    pub bitmaps: bool,
+    /// Skip broken bitmaps.
+    #[arg(long = "skip-broken-bitmaps")]
+    pub skip_broken_bitmaps: bool,
+    /// Shared mode.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Rate limit in bytes per second.
+    #[arg(short = 'r', long = "rate", value_name = "RATE")]
+    pub rate: Option<String>,
+    /// Parallel workers (1 to 16).
+    #[arg(short = 'm', long = "parallel", value_name = "NUM")]
+    pub parallel: Option<String>,
+    /// copy_file_range offloading.
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    pub copy_range: bool,
+    /// Treat read errors as zeroes.
+    #[arg(long = "salvage")]
+    pub salvage: bool,
+    /// Out-of-order writes.
+    #[arg(short = 'W', long = "oob-writes")]
+    pub oob_writes: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// SRC_FILENAME... TGT_FILENAME
+    pub files: Vec<String>,
+}

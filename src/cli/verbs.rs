@@ -1,0 +1,341 @@
+//! The verbs: argument checks, calls into `ops`, output.
+
+use std::io::Write;
+
+use super::args::{self, ConvertArgs, CreateArgs, InfoArgs};
+use super::{human, prog, CliError, VerbResult};
+use crate::formats::options::{parse_size, split_opts};
+use crate::formats::{self, CreateOpts, Format};
+use crate::ops;
+use crate::qjson::{self, Json};
+
+const VERBS: &[&str] = &[
+    "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "dd", "info",
+    "map", "measure", "snapshot", "rebase", "resize",
+];
+
+/// Runs the verb named by `args[0]`.
+pub fn dispatch(args: &[String]) -> VerbResult {
+    let Some(verb) = args.first() else {
+        return Err(CliError::Usage("Not enough arguments".into(), ""));
+    };
+    let rest = &args[1..];
+    match verb.as_str() {
+        "info" => info(rest),
+        "create" => create(rest),
+        "convert" => convert(rest),
+        "-h" | "--help" | "help" => {
+            print_help();
+            Ok(0)
+        }
+        "-V" | "--version" => {
+            println!(
+                "{} version {} (diskit)\nA drop-in equivalent of qemu-img, MIT OR Apache-2.0",
+                prog(),
+                env!("CARGO_PKG_VERSION")
+            );
+            Ok(0)
+        }
+        v if VERBS.contains(&v) => Err(CliError::Msg(format!(
+            "Command not yet implemented in diskit: {v}"
+        ))),
+        v => Err(CliError::Usage(format!("Command not found: {v}"), "")),
+    }
+}
+
+fn print_help() {
+    let p = prog();
+    println!(
+        "{p}: disk image utility (diskit {})\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    println!("Usage: {p} [standard options] command [command options]\n");
+    println!("Commands: {}", VERBS.join(", "));
+    println!("\nSupported formats: raw qcow2 vmdk vdi");
+    println!("\nRun '{p} COMMAND --help' for the options of a command.");
+}
+
+fn parse_format(name: &str) -> Result<Format, CliError> {
+    Format::from_name(name).map_err(|_| CliError::Msg(format!("Unknown file format '{name}'")))
+}
+
+/// A `-f` for an image to open: qemu words an unknown one as an open failure.
+fn open_format(name: &Option<String>, file: &str) -> Result<Option<Format>, CliError> {
+    match name.as_deref() {
+        None => Ok(None),
+        Some(n) => Format::from_name(n)
+            .map(Some)
+            .map_err(|_| CliError::Msg(format!("Could not open '{file}': Unknown driver '{n}'"))),
+    }
+}
+
+fn parse_output(output: &Option<String>, verb: &'static str) -> Result<bool, CliError> {
+    match output.as_deref() {
+        None | Some("human") => Ok(false),
+        Some("json") => Ok(true),
+        Some(o) => Err(CliError::Usage(
+            format!("--output expects 'human' or 'json' not '{o}'"),
+            verb,
+        )),
+    }
+}
+
+fn info(argv: &[String]) -> VerbResult {
+    let a: InfoArgs = args::parse("info", argv)?;
+    if a.files.len() != 1 {
+        return Err(CliError::Usage(
+            "Expecting one image file name".into(),
+            "info",
+        ));
+    }
+    let json = parse_output(&a.common.output, "info")?;
+    let format = open_format(&a.common.format, &a.files[0])?;
+    let opts = ops::info::InfoOptions {
+        format,
+        backing_chain: a.backing_chain,
+        force_share: a.common.force_share,
+    };
+    let list = ops::info::info(&a.files[0], &opts)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = if a.backing_chain {
+            Json::Arr(list.iter().map(|i| i.to_json()).collect())
+        } else {
+            list[0].to_json()
+        };
+        let _ = writeln!(out, "{}", qjson::to_pretty(&v));
+    } else {
+        let _ = write!(out, "{}", human::info_text(&list));
+    }
+    Ok(0)
+}
+
+/// `-o` strings merged, checking for help requests.
+fn merge_opts(list: &[String]) -> Result<CreateOpts, CliError> {
+    let mut o = CreateOpts::new();
+    for s in list {
+        o.merge(s).map_err(CliError::Lib)?;
+    }
+    Ok(o)
+}
+
+fn print_opts_help(format: Format) {
+    println!("Supported {} options:", format.name());
+    for d in formats::create_options(format) {
+        println!("{}", d.help_line());
+    }
+    println!("\nThe protocol level may support further options.\nSpecify the target filename to include those options.");
+}
+
+fn wants_help(list: &[String]) -> bool {
+    list.iter()
+        .flat_map(|s| split_opts(s))
+        .any(|k| k == "help" || k == "?")
+}
+
+fn size_arg(s: &str) -> Result<u64, CliError> {
+    match parse_size(s) {
+        Ok(v) if v <= i64::MAX as u64 => Ok(v),
+        Ok(_) => Err(CliError::Msg(
+            "Invalid image size specified. Must be between 0 and 9223372036854775807.".into(),
+        )),
+        Err(_) => {
+            if s.trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                .parse::<f64>()
+                .is_ok()
+                && s.chars().last().is_some_and(|c| c.is_ascii_alphabetic())
+                && !s.ends_with([
+                    'b', 'B', 'k', 'K', 'm', 'M', 'g', 'G', 't', 'T', 'p', 'P', 'e', 'E',
+                ])
+            {
+                return Err(CliError::Msg(format!(
+                    "Invalid image size specified: '{s}'."
+                )));
+            }
+            if s.parse::<f64>().is_err() && s.len() > 1 {
+                if let Ok(v) = s[..s.len() - 1].parse::<f64>() {
+                    if v >= 0.0 {
+                        return Err(CliError::Msg(
+                            "Invalid image size specified. Must be between 0 and 9223372036854775807."
+                                .into(),
+                        ));
+                    }
+                }
+            }
+            Err(CliError::Msg(format!(
+                "Invalid image size specified: '{s}'."
+            )))
+        }
+    }
+}
+
+fn create(argv: &[String]) -> VerbResult {
+    let a: CreateArgs = args::parse("create", argv)?;
+    let format_name = a.format.clone().unwrap_or_else(|| "raw".to_string());
+    if wants_help(&a.options) {
+        let format = parse_format(&format_name)?;
+        print_opts_help(format);
+        return Ok(0);
+    }
+    let Some(filename) = a.rest.first().cloned() else {
+        return Err(CliError::Usage(
+            "Expecting image file name".into(),
+            "create",
+        ));
+    };
+    if a.rest.len() > 2 {
+        return Err(CliError::Usage(
+            "Expecting one image file name".into(),
+            "create",
+        ));
+    }
+    let format = Format::from_name(&format_name)
+        .map_err(|_| CliError::Msg(format!("{filename}: Unknown file format '{format_name}'")))?;
+    let mut options = merge_opts(&a.options)?;
+    if let Some(b) = &a.backing {
+        options.set("backing_file", b);
+    }
+    if let Some(f) = &a.backing_format {
+        options.set("backing_fmt", f);
+    }
+    let size = a.rest.get(1).map(|s| size_arg(s)).transpose()?;
+    let req = ops::create::CreateRequest {
+        filename: filename.clone(),
+        format,
+        options,
+        size,
+        unsafe_backing: a.unsafe_backing,
+    };
+    let opts = req.resolve()?;
+    if opts.get("size").is_none() {
+        return Err(CliError::Msg(format!(
+            "{filename}: Image creation needs a size parameter"
+        )));
+    }
+    if !a.quiet {
+        println!("{}", req.formatting_line(&opts));
+        let _ = std::io::stdout().flush();
+    }
+    req.run(&opts).map_err(|e| {
+        if e.message().starts_with(&format!("{filename}:")) {
+            CliError::Lib(e)
+        } else {
+            CliError::Lib(e.context(&filename))
+        }
+    })?;
+    Ok(0)
+}
+
+struct Progress {
+    enabled: bool,
+    json: bool,
+    last: std::sync::Mutex<f64>,
+    start: std::time::Instant,
+}
+
+impl Progress {
+    fn report(&self, done: u64, total: u64) {
+        if !self.enabled {
+            return;
+        }
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if pct < *last + 1.0 && !(pct >= 100.0 && *last < 100.0) {
+            return;
+        }
+        *last = pct;
+        let mut out = std::io::stdout().lock();
+        if self.json {
+            let _ = writeln!(
+                out,
+                "{{\"done\": {done}, \"total\": {total}, \"elapsed\": {:.3}}}",
+                self.start.elapsed().as_secs_f64()
+            );
+        } else {
+            let _ = write!(out, "    ({pct:.2}/100%)\r");
+        }
+        let _ = out.flush();
+    }
+}
+
+fn convert(argv: &[String]) -> VerbResult {
+    let a: ConvertArgs = args::parse("convert", argv)?;
+    let target_format_name = a.target_format.clone().unwrap_or_else(|| "raw".into());
+    if wants_help(&a.options) {
+        print_opts_help(parse_format(&target_format_name)?);
+        return Ok(0);
+    }
+    if a.files.len() < 2 {
+        return Err(CliError::Msg("Must specify image file name".into()));
+    }
+    let (target, sources) = a.files.split_last().expect("two or more");
+    let target_format = parse_format(&target_format_name)?;
+    let mut o = ops::convert::ConvertOptions::new(sources.to_vec(), target.clone());
+    o.source_format = a.format.as_deref().map(parse_format).transpose()?;
+    o.target_format = target_format;
+    o.target_opts = merge_opts(&a.options)?;
+    o.compress = a.compress;
+    o.no_create = a.no_create;
+    o.target_is_zero = a.target_is_zero;
+    o.backing = a.backing.clone();
+    o.backing_format = a.backing_format.clone();
+    o.force_share = a.force_share;
+    o.out_of_order = a.oob_writes;
+    o.salvage = a.salvage;
+    if a.backing_format.is_some() && a.backing.is_none() {
+        return Err(CliError::Msg(
+            "Specifying backing image format requires specifying a backing image".into(),
+        ));
+    }
+    if let Some(s) = &a.sparse_size {
+        o.sparse_size = match parse_size(s) {
+            Ok(v) if v <= i64::MAX as u64 / 512 => v,
+            _ => {
+                return Err(CliError::Msg(
+                    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 1 GiB"
+                        .into(),
+                ))
+            }
+        };
+    }
+    if let Some(m) = &a.parallel {
+        o.workers = match m.parse::<usize>() {
+            Ok(n) if (1..=16).contains(&n) => n,
+            _ => return Err(CliError::Msg(
+                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
+                    .into(),
+            )),
+        };
+    }
+    if let Some(r) = &a.rate {
+        o.rate =
+            Some(parse_size(r).map_err(|_| CliError::Msg("Invalid rate limit specified".into()))?);
+    }
+    let cache = |c: &Option<String>| -> Result<bool, CliError> {
+        match c.as_deref() {
+            None | Some("writeback") | Some("unsafe") | Some("writethrough")
+            | Some("directsync") => Ok(c.as_deref() == Some("directsync")),
+            Some("none") => Ok(true),
+            Some(other) => Err(CliError::Msg(format!("Invalid cache option: {other}"))),
+        }
+    };
+    o.src_direct = cache(&a.src_cache)?;
+    o.tgt_direct = cache(&a.tgt_cache)?;
+    let progress = Progress {
+        enabled: (a.progress || a.progress_json) && !a.quiet,
+        json: a.progress_json,
+        last: std::sync::Mutex::new(-1.0),
+        start: std::time::Instant::now(),
+    };
+    progress.report(0, 1);
+    let cb = |d: u64, t: u64| progress.report(d, t);
+    ops::convert::convert(&o, Some(&cb))?;
+    if progress.enabled && !progress.json {
+        println!();
+    }
+    Ok(0)
+}

@@ -1,0 +1,413 @@
+//! The parallel copy engine: convert, commit and dd move data with it.
+//!
+//! A planner walks the source's allocation (never reading holes or known zeroes) and cuts it
+//! into work items aligned to the target's clusters. Worker threads read, detect zero blocks
+//! and write; writes are committed in order (so a qcow2 target is laid out sequentially) or,
+//! with `out_of_order`, as soon as they are ready. Memory is bounded by the items in flight:
+//! `workers × chunk_size`, whatever the image size.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::formats::{BlockDriver, Mapping};
+use crate::io::is_zero;
+
+/// What the guest sees in a range, with the backing chain resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Data that must be read.
+    Data,
+    /// Reads as zero.
+    Zero,
+    /// Not allocated in the top layer (only reported when asked not to descend).
+    Backing,
+}
+
+/// The status of `[offset, offset+max_len)` through the chain of `img`; with `top_only`,
+/// unallocated ranges of the top layer are reported as [`Status::Backing`].
+pub fn chain_status(
+    img: &dyn BlockDriver,
+    offset: u64,
+    max_len: u64,
+    top_only: bool,
+) -> Result<(Status, u64)> {
+    let (m, len) = img.map(offset, max_len)?;
+    if len == 0 {
+        return Err(Error::corrupt(format!(
+            "{}: no progress mapping offset {offset}",
+            img.filename()
+        )));
+    }
+    match m {
+        Mapping::Data { .. } | Mapping::Compressed => Ok((Status::Data, len)),
+        Mapping::Zero { .. } => Ok((Status::Zero, len)),
+        Mapping::Unallocated => {
+            if top_only {
+                return Ok((Status::Backing, len));
+            }
+            match img.backing() {
+                Some(b) if offset < b.virtual_size() => {
+                    let blen = len.min(b.virtual_size() - offset);
+                    chain_status(b, offset, blen, false)
+                }
+                _ => Ok((Status::Zero, len)),
+            }
+        }
+    }
+}
+
+/// One source of a copy: an image and where its bytes land in the target.
+pub struct Source<'a> {
+    /// The image.
+    pub img: &'a dyn BlockDriver,
+    /// Offset in the target of the source's byte 0.
+    pub target_offset: u64,
+}
+
+/// How to copy.
+pub struct CopyParams<'a> {
+    /// Sources, concatenated in order.
+    pub sources: Vec<Source<'a>>,
+    /// The target.
+    pub target: &'a dyn BlockDriver,
+    /// The target reads as zero where not written (fresh image, `--target-is-zero`).
+    pub target_is_zero: bool,
+    /// Copy only what the top layer of each source holds (`-B`: the target has a backing).
+    pub top_only: bool,
+    /// The target has a backing file: zeroes must be written explicitly.
+    pub target_has_backing: bool,
+    /// Zero-detection granularity (`-S`); 0 writes everything that is read.
+    pub sparse_size: u64,
+    /// Write compressed clusters.
+    pub compress: bool,
+    /// Target cluster size (chunks are aligned to it).
+    pub cluster_size: u64,
+    /// Worker threads.
+    pub workers: usize,
+    /// Commit writes as soon as they are ready.
+    pub out_of_order: bool,
+    /// Read errors become zeroes (counted).
+    pub salvage: bool,
+    /// Called with (bytes done, total) as work completes.
+    pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+    /// Bytes per second limit, if any.
+    pub rate: Option<u64>,
+}
+
+/// What a copy did.
+#[derive(Debug, Default, Clone)]
+pub struct CopyStats {
+    /// Bytes read from sources.
+    pub bytes_read: u64,
+    /// Bytes written as data.
+    pub bytes_written: u64,
+    /// Bytes written as explicit zeroes.
+    pub bytes_zeroed: u64,
+    /// Read errors turned into zeroes (`--salvage`).
+    pub salvaged_errors: u64,
+}
+
+struct Item {
+    seq: u64,
+    src: usize,
+    offset: u64, // in the source
+    len: u64,
+    status: Status,
+}
+
+/// The default chunk size of a work item.
+pub const CHUNK: u64 = 2 << 20;
+
+/// Copies the sources into the target.
+pub fn copy(p: &CopyParams) -> Result<CopyStats> {
+    let cluster = p.cluster_size.max(512);
+    let chunk = CHUNK.max(cluster).div_ceil(cluster) * cluster;
+    let total: u64 = p.sources.iter().map(|s| s.img.virtual_size()).sum();
+    let workers = p.workers.clamp(1, 64);
+
+    let next_write = Mutex::new(0u64);
+    let turn = Condvar::new();
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let done = AtomicU64::new(0);
+    let stats = Mutex::new(CopyStats::default());
+    let start = std::time::Instant::now();
+
+    let (tx, rx) = sync_channel::<Item>(workers * 2);
+    let rx = Mutex::new(rx);
+
+    let fail = |e: Error| {
+        failed.store(true, Ordering::SeqCst);
+        let mut g = first_error.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(e);
+        }
+        drop(g);
+        // Take the turn lock so that no waiter misses the wake-up.
+        let _turn = next_write.lock().unwrap_or_else(|e| e.into_inner());
+        turn.notify_all();
+    };
+
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let mut buf: Vec<u8> = Vec::new();
+                loop {
+                    let item = {
+                        let r = rx.lock().unwrap_or_else(|e| e.into_inner());
+                        r.recv()
+                    };
+                    let Ok(item) = item else { break };
+                    if failed.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let r = process(p, &item, &mut buf, &next_write, &turn, &failed, &stats);
+                    match r {
+                        Ok(()) => {
+                            let d = done.fetch_add(item.len, Ordering::SeqCst) + item.len;
+                            if let Some(cb) = p.progress {
+                                cb(d, total);
+                            }
+                            if let Some(rate) = p.rate {
+                                throttle(d, rate, start);
+                            }
+                        }
+                        Err(e) => fail(e),
+                    }
+                }
+            });
+        }
+        // The planner runs on this thread.
+        let plan = || -> Result<()> {
+            let mut seq = 0u64;
+            for (si, s) in p.sources.iter().enumerate() {
+                let size = s.img.virtual_size();
+                let mut off = 0u64;
+                while off < size {
+                    if failed.load(Ordering::SeqCst) {
+                        return Ok(());
+                    }
+                    let (status, len) = chain_status(s.img, off, size - off, p.top_only)?;
+                    let len = len.min(size - off);
+                    let mut pos = off;
+                    let end = off + len;
+                    while pos < end {
+                        // Data items stop at chunk boundaries of the target offset.
+                        let t = s.target_offset + pos;
+                        let n = match status {
+                            Status::Data => (chunk - t % chunk).min(end - pos),
+                            _ => end - pos,
+                        };
+                        let item = Item {
+                            seq,
+                            src: si,
+                            offset: pos,
+                            len: n,
+                            status,
+                        };
+                        seq += 1;
+                        if tx.send(item).is_err() {
+                            return Ok(());
+                        }
+                        pos += n;
+                    }
+                    off = end;
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = plan() {
+            fail(e);
+        }
+        drop(tx);
+    });
+
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    if let Some(cb) = p.progress {
+        cb(total, total);
+    }
+    Ok(stats.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn throttle(done: u64, rate: u64, start: std::time::Instant) {
+    if rate == 0 {
+        return;
+    }
+    let due = std::time::Duration::from_secs_f64(done as f64 / rate as f64);
+    let el = start.elapsed();
+    if due > el {
+        std::thread::sleep(due - el);
+    }
+}
+
+/// A write operation prepared by a worker.
+enum Op {
+    Write(u64, std::ops::Range<usize>),
+    Zero(u64, u64),
+    Compressed(u64, std::ops::Range<usize>),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn process(
+    p: &CopyParams,
+    item: &Item,
+    buf: &mut Vec<u8>,
+    next_write: &Mutex<u64>,
+    turn: &Condvar,
+    failed: &AtomicBool,
+    stats: &Mutex<CopyStats>,
+) -> Result<()> {
+    let src = &p.sources[item.src];
+    let toff = src.target_offset + item.offset;
+    let mut ops: Vec<Op> = Vec::new();
+    let mut st = CopyStats::default();
+    let need_zero_writes = !p.target_is_zero || p.target_has_backing;
+    match item.status {
+        Status::Backing => {}
+        Status::Zero => {
+            if need_zero_writes {
+                ops.push(Op::Zero(toff, item.len));
+            }
+        }
+        Status::Data => {
+            let n = item.len as usize;
+            buf.resize(n, 0);
+            match src.img.read_at(&mut buf[..n], item.offset) {
+                Ok(()) => st.bytes_read += item.len,
+                Err(e) if p.salvage => {
+                    let _ = e;
+                    // Retry sector by sector; unreadable sectors become zero.
+                    for (i, sec) in buf[..n].chunks_mut(512).enumerate() {
+                        if src.img.read_at(sec, item.offset + i as u64 * 512).is_err() {
+                            sec.fill(0);
+                            st.salvaged_errors += 1;
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            if p.compress {
+                let cs = p.cluster_size as usize;
+                let mut pos = 0usize;
+                while pos < n {
+                    // clusters are aligned in the target; chunk starts are cluster-aligned
+                    let in_cluster = ((toff + pos as u64) % cs as u64) as usize;
+                    let len = (cs - in_cluster).min(n - pos);
+                    let part = &buf[pos..pos + len];
+                    if is_zero(part) {
+                        if need_zero_writes {
+                            ops.push(Op::Zero(toff + pos as u64, len as u64));
+                        }
+                    } else if in_cluster == 0 {
+                        ops.push(Op::Compressed(toff + pos as u64, pos..pos + len));
+                    } else {
+                        ops.push(Op::Write(toff + pos as u64, pos..pos + len));
+                    }
+                    pos += len;
+                }
+            } else {
+                plan_sparse(
+                    buf,
+                    n,
+                    toff,
+                    p.sparse_size as usize,
+                    need_zero_writes,
+                    &mut ops,
+                );
+            }
+        }
+    }
+    // Wait for our turn (in-order mode).
+    if !p.out_of_order {
+        let mut g = next_write.lock().unwrap_or_else(|e| e.into_inner());
+        while *g != item.seq {
+            if failed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            g = turn.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    let r = (|| -> Result<()> {
+        for op in &ops {
+            match op {
+                Op::Write(off, r) => {
+                    p.target.write_at(&buf[r.clone()], *off)?;
+                    st.bytes_written += (r.end - r.start) as u64;
+                }
+                Op::Compressed(off, r) => {
+                    p.target.write_compressed(&buf[r.clone()], *off)?;
+                    st.bytes_written += (r.end - r.start) as u64;
+                }
+                Op::Zero(off, len) => {
+                    p.target.write_zeroes(*off, *len, !p.target_has_backing)?;
+                    st.bytes_zeroed += len;
+                }
+            }
+        }
+        Ok(())
+    })();
+    if !p.out_of_order {
+        let mut g = next_write.lock().unwrap_or_else(|e| e.into_inner());
+        *g += 1;
+        turn.notify_all();
+    }
+    let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
+    s.bytes_read += st.bytes_read;
+    s.bytes_written += st.bytes_written;
+    s.bytes_zeroed += st.bytes_zeroed;
+    s.salvaged_errors += st.salvaged_errors;
+    r
+}
+
+/// Splits a data buffer into writes and zero runs at `sparse`-byte granularity.
+fn plan_sparse(
+    buf: &[u8],
+    n: usize,
+    toff: u64,
+    sparse: usize,
+    zero_writes: bool,
+    ops: &mut Vec<Op>,
+) {
+    if sparse == 0 {
+        ops.push(Op::Write(toff, 0..n));
+        return;
+    }
+    let mut pos = 0usize;
+    let mut run_start = 0usize;
+    let mut run_zero: Option<bool> = None;
+    let flush = |ops: &mut Vec<Op>, zero: bool, a: usize, b: usize| {
+        if a == b {
+            return;
+        }
+        if zero {
+            if zero_writes {
+                ops.push(Op::Zero(toff + a as u64, (b - a) as u64));
+            }
+        } else {
+            ops.push(Op::Write(toff + a as u64, a..b));
+        }
+    };
+    while pos < n {
+        // blocks aligned to the target offset
+        let in_blk = ((toff + pos as u64) % sparse as u64) as usize;
+        let len = (sparse - in_blk).min(n - pos);
+        let z = is_zero(&buf[pos..pos + len]);
+        match run_zero {
+            Some(cur) if cur == z => {}
+            Some(cur) => {
+                flush(ops, cur, run_start, pos);
+                run_start = pos;
+                run_zero = Some(z);
+            }
+            None => run_zero = Some(z),
+        }
+        pos += len;
+    }
+    if let Some(cur) = run_zero {
+        flush(ops, cur, run_start, n);
+    }
+}

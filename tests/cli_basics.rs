@@ -1,0 +1,132 @@
+//! The command line against qemu-img: messages, exit codes and info output for raw images.
+
+mod common;
+use common::*;
+
+#[test]
+fn usage_errors_match_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    std::fs::write(d.join("t.txt"), b"hello\n").unwrap();
+    for args in [
+        &[][..],
+        &["foo"],
+        &["info"],
+        &["info", "a", "b"],
+        &["info", "--foo", "t.txt"],
+        &["info", "-z", "t.txt"],
+        &["info", "-f"],
+        &["info", "--output=xml", "t.txt"],
+        &["info", "nonexist"],
+        &["info", "-f", "nosuchfmt", "t.txt"],
+        &["convert", "-O"],
+        &["convert", "t.txt"],
+        &["create", "-f", "qcow2"],
+        &["create", "-f", "raw", "x.raw"],
+        &["create", "-f", "raw", "x.raw", "1Q"],
+        &["create", "-f", "raw", "x.raw", "20E"],
+        &["create", "-f", "raw", "-o", "foo=bar", "x.raw", "1M"],
+        &["create", "-f", "foo", "x", "1M"],
+        &["create", "-f", "raw", "-b", "t.txt", "-F", "raw", "y.raw"],
+    ] {
+        same_as_qemu(d, args);
+    }
+}
+
+#[test]
+fn info_raw_matches_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    std::fs::write(d.join("six.bin"), b"hello\n").unwrap();
+    std::fs::write(d.join("data.bin"), pattern(3 << 20, 1)).unwrap();
+    let f = std::fs::File::create(d.join("sparse.bin")).unwrap();
+    f.set_len(10 << 30).unwrap();
+    for name in ["six.bin", "data.bin", "sparse.bin"] {
+        same_as_qemu(d, &["info", name]);
+        same_as_qemu(d, &["info", "--output=json", name]);
+        same_as_qemu(d, &["info", "-f", "raw", "--output", "json", name]);
+        same_as_qemu(d, &["info", "--backing-chain", "--output=json", name]);
+    }
+}
+
+#[test]
+fn create_raw_matches_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    for (size, opts) in [
+        ("1M", ""),
+        ("1.5k", ""),
+        ("0", ""),
+        ("64M", "preallocation=falloc"),
+        ("1M", "preallocation=full"),
+    ] {
+        let mut args = vec!["create", "-f", "raw"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend(["img.raw", size]);
+        same_as_qemu(d, &args);
+        let len = std::fs::metadata(d.join("img.raw")).unwrap().len();
+        let q = ok(qemu_img(d, &["info", "--output=json", "img.raw"]));
+        assert_eq!(json(&q)["virtual-size"].as_u64().unwrap(), len);
+    }
+    same_as_qemu(d, &["create", "-f", "raw", "-o", "help"]);
+}
+
+#[test]
+fn convert_raw_to_raw_keeps_content_and_holes() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    // data, a hole, data, zeroes written as data, tail hole
+    let src = d.join("src.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(32 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&pattern(3 << 20, 7), 0).unwrap();
+    f.write_all_at(&pattern(1 << 20, 8), 10 << 20).unwrap();
+    f.write_all_at(&vec![0u8; 2 << 20], 16 << 20).unwrap();
+    ok(diskit(
+        d,
+        &["convert", "-f", "raw", "-O", "raw", "src.raw", "dst.raw"],
+    ));
+    ok(qemu_img(
+        d,
+        &["convert", "-f", "raw", "-O", "raw", "src.raw", "q.raw"],
+    ));
+    let a = std::fs::read(d.join("dst.raw")).unwrap();
+    assert_eq!(a, std::fs::read(&src).unwrap());
+    // Same allocation as qemu-img's output: zero blocks are not written.
+    let map = |f: &str| stdout(&ok(qemu_img(d, &["map", "--output=json", "-f", "raw", f])));
+    assert_eq!(map("dst.raw"), map("q.raw"));
+}
+
+#[test]
+fn convert_concatenates_sources() {
+    let dir = tmpdir();
+    let d = dir.path();
+    std::fs::write(d.join("a.raw"), pattern(1 << 20, 1)).unwrap();
+    std::fs::write(d.join("b.raw"), pattern(512 * 3, 2)).unwrap();
+    ok(diskit(
+        d,
+        &["convert", "-f", "raw", "a.raw", "b.raw", "c.raw"],
+    ));
+    let mut want = pattern(1 << 20, 1);
+    want.extend(pattern(512 * 3, 2));
+    assert_eq!(std::fs::read(d.join("c.raw")).unwrap(), want);
+}
+
+#[test]
+fn program_name_comes_from_argv0() {
+    let dir = tmpdir();
+    let out = diskit(dir.path(), &["info", "missing.img"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with("diskit: Could not open 'missing.img'"),
+        "{}",
+        stderr(&out)
+    );
+}
