@@ -223,3 +223,66 @@ pub struct ConvertArgs {
     /// SRC_FILENAME... TGT_FILENAME
     pub files: Vec<String>,
 }
+
+/// `map`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Dump the allocation map of an image",
+    disable_version_flag = true
+)]
+pub struct MapArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Treat FILENAME as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// First guest offset to map.
+    #[arg(short = 's', long = "start-offset", value_name = "OFFSET")]
+    pub start_offset: Option<String>,
+    /// Bytes to map.
+    #[arg(short = 'l', long = "max-length", value_name = "LENGTH")]
+    pub max_length: Option<String>,
+    /// Image file name.
+    pub files: Vec<String>,
+}
+
+/// `compare`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Check whether two images have the same content",
+    disable_version_flag = true
+)]
+pub struct CompareArgs {
+    /// Format of the first image.
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format1: Option<String>,
+    /// Format of the second image.
+    #[arg(short = 'F', value_name = "FMT")]
+    pub format2: Option<String>,
+    /// Cache mode.
+    #[arg(short = 'T', long = "cache", value_name = "CACHE")]
+    pub cache: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Strict: sizes and allocation must match too.
+    #[arg(short = 's', long = "strict")]
+    pub strict: bool,
+    /// Shared mode.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Treat file names as image specifications.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// FILENAME1 FILENAME2
+    pub files: Vec<String>,
+}

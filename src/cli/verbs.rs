@@ -2,9 +2,9 @@
 
 use std::io::Write;
 
-use super::args::{self, ConvertArgs, CreateArgs, InfoArgs};
+use super::args::{self, CompareArgs, ConvertArgs, CreateArgs, InfoArgs, MapArgs};
 use super::{human, prog, CliError, VerbResult};
-use crate::formats::options::{parse_size, split_opts};
+use crate::formats::options::{parse_size, split_opts, SizeError};
 use crate::formats::{self, CreateOpts, Format};
 use crate::ops;
 use crate::qjson::{self, Json};
@@ -24,6 +24,8 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "info" => info(rest),
         "create" => create(rest),
         "convert" => convert(rest),
+        "map" => map(rest),
+        "compare" => compare(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -133,40 +135,19 @@ fn wants_help(list: &[String]) -> bool {
         .any(|k| k == "help" || k == "?")
 }
 
-fn size_arg(s: &str) -> Result<u64, CliError> {
+/// qemu-img's `cvtnum`: a size argument, with its two error messages.
+fn cvtnum(what: &str, s: &str) -> Result<u64, CliError> {
     match parse_size(s) {
         Ok(v) if v <= i64::MAX as u64 => Ok(v),
-        Ok(_) => Err(CliError::Msg(
-            "Invalid image size specified. Must be between 0 and 9223372036854775807.".into(),
-        )),
-        Err(_) => {
-            if s.trim_end_matches(|c: char| c.is_ascii_alphabetic())
-                .parse::<f64>()
-                .is_ok()
-                && s.chars().last().is_some_and(|c| c.is_ascii_alphabetic())
-                && !s.ends_with([
-                    'b', 'B', 'k', 'K', 'm', 'M', 'g', 'G', 't', 'T', 'p', 'P', 'e', 'E',
-                ])
-            {
-                return Err(CliError::Msg(format!(
-                    "Invalid image size specified: '{s}'."
-                )));
-            }
-            if s.parse::<f64>().is_err() && s.len() > 1 {
-                if let Ok(v) = s[..s.len() - 1].parse::<f64>() {
-                    if v >= 0.0 {
-                        return Err(CliError::Msg(
-                            "Invalid image size specified. Must be between 0 and 9223372036854775807."
-                                .into(),
-                        ));
-                    }
-                }
-            }
-            Err(CliError::Msg(format!(
-                "Invalid image size specified: '{s}'."
-            )))
-        }
+        Err(SizeError::Invalid) => Err(CliError::Msg(format!("Invalid {what} specified: '{s}'."))),
+        _ => Err(CliError::Msg(format!(
+            "Invalid {what} specified. Must be between 0 and 9223372036854775807."
+        ))),
     }
+}
+
+fn size_arg(s: &str) -> Result<u64, CliError> {
+    cvtnum("image size", s)
 }
 
 fn create(argv: &[String]) -> VerbResult {
@@ -338,4 +319,197 @@ fn convert(argv: &[String]) -> VerbResult {
         println!();
     }
     Ok(0)
+}
+
+fn map(argv: &[String]) -> VerbResult {
+    let a: MapArgs = args::parse("map", argv)?;
+    let start = a
+        .start_offset
+        .as_deref()
+        .map(|s| cvtnum("start offset", s))
+        .transpose()?
+        .unwrap_or(0);
+    let max_len = a
+        .max_length
+        .as_deref()
+        .map(|s| cvtnum("max length", s))
+        .transpose()?;
+    if a.files.len() != 1 {
+        return Err(CliError::Usage(
+            "Expecting one image file name".into(),
+            "map",
+        ));
+    }
+    let json = parse_output(&a.common.output, "map")?;
+    let file = &a.files[0];
+    let opts = crate::OpenOptions {
+        format: open_format(&a.common.format, file)?,
+        force_share: a.common.force_share,
+        ..Default::default()
+    };
+    let img = crate::formats::open(file, &opts)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let io_err = |e: std::io::Error| crate::Error::io(e, "stdout");
+    if json {
+        let _ = write!(out, "[");
+        let mut prev: Option<String> = None;
+        ops::map::map(img.as_ref(), start, max_len, |e| {
+            if let Some(p) = prev.take() {
+                writeln!(out, "{p},").map_err(io_err)?;
+            }
+            prev = Some(e.to_json_line());
+            Ok(())
+        })?;
+        if let Some(p) = prev {
+            write!(out, "{p}").map_err(io_err)?;
+        }
+        let _ = writeln!(out, "]");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
+        );
+        // qemu treats zero-data as plain zero in this format, which merges more runs
+        let mut cur: Option<ops::map::MapEntry> = None;
+        let print = |out: &mut dyn Write, e: &ops::map::MapEntry| -> crate::Result<()> {
+            if e.data && e.offset.is_none() {
+                return Err(crate::Error::unsupported(
+                    "File contains external, encrypted or compressed clusters.",
+                ));
+            }
+            if e.data && !e.zero {
+                writeln!(
+                    out,
+                    "{:<16}{:<16}{:<16}{}",
+                    hex(e.start),
+                    hex(e.length),
+                    hex(e.offset.unwrap_or(0)),
+                    e.filename.as_deref().unwrap_or("")
+                )
+                .map_err(io_err)?;
+            }
+            Ok(())
+        };
+        let r = ops::map::map(img.as_ref(), start, max_len, |e| {
+            let mut e = e.clone();
+            if !e.data || e.zero {
+                e.data = false;
+                e.zero = true;
+            }
+            match &mut cur {
+                Some(c)
+                    if c.zero
+                        && e.zero
+                        && c.depth == e.depth
+                        && c.present == e.present
+                        && c.compressed == e.compressed
+                        && c.offset.is_some() == e.offset.is_some()
+                        && c.filename == e.filename
+                        && c.offset.map(|o| o + c.length) == e.offset =>
+                {
+                    c.length += e.length
+                }
+                _ => {
+                    if let Some(c) = cur.take() {
+                        print(&mut out, &c)?;
+                    }
+                    cur = Some(e);
+                }
+            }
+            Ok(())
+        });
+        r?;
+        if let Some(c) = cur {
+            print(&mut out, &c)?;
+        }
+    }
+    Ok(0)
+}
+
+/// `%#x` as C prints it (0 stays `0`).
+fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+fn compare(argv: &[String]) -> VerbResult {
+    let a: CompareArgs = args::parse("compare", argv)?;
+    if a.files.len() != 2 {
+        return Err(CliError::Usage(
+            "Expecting two image file names".into(),
+            "compare",
+        ));
+    }
+    let open =
+        |file: &str, fmt: &Option<String>| -> Result<Box<dyn crate::BlockDriver>, CliError> {
+            let opts = crate::OpenOptions {
+                format: open_format(fmt, file)?,
+                force_share: a.force_share,
+                ..Default::default()
+            };
+            crate::formats::open(file, &opts).map_err(|e| {
+                eprintln!("{}: {}", prog(), e.message());
+                CliError::Exit(2)
+            })
+        };
+    let img1 = open(&a.files[0], &a.format1)?;
+    let img2 = open(&a.files[1], &a.format2)?;
+    let progress = Progress {
+        enabled: a.progress && !a.quiet,
+        json: false,
+        last: std::sync::Mutex::new(-1.0),
+        start: std::time::Instant::now(),
+    };
+    progress.report(0, 1);
+    let cb = |d: u64, t: u64| progress.report(d, t);
+    let r = ops::compare::compare(img1.as_ref(), img2.as_ref(), a.strict, &cb);
+    if progress.enabled {
+        progress.report(1, 1);
+        println!();
+    }
+    let say = |m: &str| {
+        if !a.quiet {
+            println!("{m}");
+        }
+    };
+    use ops::compare::CompareResult as R;
+    match r {
+        Ok(R::Identical { size_mismatch }) => {
+            if size_mismatch {
+                say("Warning: Image size mismatch!");
+            }
+            say("Images are identical.");
+            Ok(0)
+        }
+        Ok(R::Mismatch {
+            offset,
+            size_mismatch,
+        }) => {
+            if size_mismatch {
+                say("Warning: Image size mismatch!");
+            }
+            say(&format!("Content mismatch at offset {offset}!"));
+            Ok(1)
+        }
+        Ok(R::StrictSizeMismatch) => {
+            say("Strict mode: Image size mismatch!");
+            Ok(1)
+        }
+        Ok(R::StrictStatusMismatch(off)) => {
+            say(&format!("Strict mode: Offset {off} block status mismatch!"));
+            Ok(1)
+        }
+        Err(e) => {
+            eprintln!("{}: {}", prog(), e.message());
+            Ok(if e.message().starts_with("Error while reading") {
+                4
+            } else {
+                3
+            })
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! One module per command. Each works on `dyn BlockDriver` and is a library call.
 
+pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod engine;
 pub mod info;
+pub mod map;
