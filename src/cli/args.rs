@@ -286,3 +286,32 @@ pub struct CompareArgs {
     /// FILENAME1 FILENAME2
     pub files: Vec<String>,
 }
+
+/// `resize` (the size, the last argument, is taken off before parsing)
+#[derive(Parser, Debug)]
+#[command(
+    about = "Change the virtual size of an image",
+    disable_version_flag = true
+)]
+pub struct ResizeArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Preallocation of the new part (off, metadata, falloc, full).
+    #[arg(long = "preallocation", value_name = "PREALLOC")]
+    pub preallocation: Option<String>,
+    /// Allow shrinking.
+    #[arg(long = "shrink")]
+    pub shrink: bool,
+    /// Treat FILENAME as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// FILENAME
+    pub files: Vec<String>,
+}

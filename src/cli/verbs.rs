@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use super::args::{self, CompareArgs, ConvertArgs, CreateArgs, InfoArgs, MapArgs};
+use super::args::{self, CompareArgs, ConvertArgs, CreateArgs, InfoArgs, MapArgs, ResizeArgs};
 use super::{human, prog, CliError, VerbResult};
 use crate::formats::options::{parse_size, split_opts, SizeError};
 use crate::formats::{self, CreateOpts, Format};
@@ -25,6 +25,7 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "create" => create(rest),
         "convert" => convert(rest),
         "map" => map(rest),
+        "resize" => resize(rest),
         "compare" => compare(rest),
         "-h" | "--help" | "help" => {
             print_help();
@@ -511,5 +512,50 @@ fn compare(argv: &[String]) -> VerbResult {
                 3
             })
         }
+    }
+}
+
+fn resize(argv: &[String]) -> VerbResult {
+    // The size is always the last argument, so that `-1G` is not taken for an option.
+    let expecting = || CliError::Usage("Expecting image file name and size".into(), "resize");
+    let Some((size, rest)) = argv.split_last() else {
+        return Err(expecting());
+    };
+    let a: ResizeArgs = args::parse("resize", rest)?;
+    if let Some(p) = &a.preallocation {
+        if !["off", "metadata", "falloc", "full"].contains(&p.as_str()) {
+            return Err(CliError::Msg(format!("Invalid preallocation mode '{p}'")));
+        }
+    }
+    if a.files.len() != 1 {
+        return Err(expecting());
+    }
+    let (ctor, num): (fn(u64) -> ops::resize::SizeChange, &str) = match size.as_bytes().first() {
+        Some(b'+') => (ops::resize::SizeChange::Grow, &size[1..]),
+        Some(b'-') => (ops::resize::SizeChange::Shrink, &size[1..]),
+        _ => (ops::resize::SizeChange::Absolute, size.as_str()),
+    };
+    let n = parse_size(num).map_err(|_| {
+        CliError::Msg("Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.".into())
+    })?;
+    let file = &a.files[0];
+    let opts = ops::resize::ResizeOptions {
+        format: open_format(&a.format, file)?,
+        prealloc: a.preallocation.clone(),
+        shrink: a.shrink,
+    };
+    match ops::resize::resize(file, ctor(n), &opts) {
+        Ok(_) => {
+            if !a.quiet {
+                println!("Image resized.");
+            }
+            Ok(0)
+        }
+        Err(e) if e.message().starts_with("Use the --shrink") => {
+            eprintln!("{}: {}", prog(), e.message());
+            eprintln!("{}: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.", prog());
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
     }
 }

@@ -124,6 +124,13 @@ pub trait BlockDriver: Send + Sync {
     fn backing(&self) -> Option<&dyn BlockDriver>;
     /// What `qemu-img info` reports of this image.
     fn info(&self) -> Result<ImageInfo>;
+    /// Changes the guest size. `prealloc` is `off`, `metadata`, `falloc` or `full` for the
+    /// new part. Shrinking drops everything past the new end (the caller asks for consent).
+    fn resize(&self, _new_size: u64, _prealloc: Option<&str>) -> Result<()> {
+        Err(Error::unsupported(
+            "Image format driver does not support resize",
+        ))
+    }
     /// Flushes and marks the image clean (the last call before dropping a written image).
     fn close(&self) -> Result<()> {
         self.flush()

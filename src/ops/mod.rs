@@ -6,3 +6,4 @@ pub mod create;
 pub mod engine;
 pub mod info;
 pub mod map;
+pub mod resize;
