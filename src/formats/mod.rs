@@ -14,8 +14,8 @@ use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::io::{FaultInjector, HostFile, HostOpenOptions, LockMode};
+use crate::error::{Error, Result};
+use crate::io::{FaultInjector, HostFile, HostOpenOptions, LockMode, LockSpec};
 use crate::qjson::{Json, Obj};
 pub use options::{CreateOpts, OptDesc, OptKind};
 
@@ -313,6 +313,12 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Open files with O_DIRECT.
     pub direct: bool,
+    /// Metadata only (`info`): take no read permission, as qemu-img's `BDRV_O_NO_IO`.
+    pub no_io: bool,
+    /// Refuse other writers even on raw images (a consistent source for convert/commit).
+    pub exclusive: bool,
+    /// The size will change (resize): take QEMU's resize permission.
+    pub resize: bool,
     /// Fault injection for tests.
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -335,21 +341,39 @@ impl OpenOptions {
         self
     }
 
-    /// The host-file options for the image file itself.
+    /// The host-file options for the image file itself (locks come once the format is known).
     pub fn host(&self) -> HostOpenOptions {
         HostOpenOptions {
             write: self.write,
             create: false,
-            lock: if self.force_share {
-                LockMode::ForceShare
-            } else if self.write {
-                LockMode::Write
-            } else {
-                LockMode::Read
-            },
+            lock: LockMode::None,
             direct: self.direct,
             faults: self.faults.clone(),
         }
+    }
+
+    /// QEMU's lock bytes for an image of `format` opened this way: what qemu-img holds
+    /// (consistent read unless metadata only, write and resize for writers) and refuses to
+    /// share (formats with metadata never share write and resize of their file; raw does
+    /// only for an exclusive user).
+    pub fn lock_spec(&self, format: Format) -> LockSpec {
+        use crate::io::lock::{PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE};
+        let metadata = format != Format::Raw;
+        let mut held = if self.no_io { 0 } else { PERM_CONSISTENT_READ };
+        if self.write {
+            held |= PERM_WRITE;
+            if metadata || self.resize {
+                held |= PERM_RESIZE;
+            }
+        }
+        let unshared = if self.force_share {
+            0
+        } else if metadata || self.exclusive {
+            PERM_WRITE | PERM_RESIZE
+        } else {
+            0
+        };
+        LockSpec { held, unshared }
     }
 }
 
@@ -371,6 +395,8 @@ impl OpenCtx {
             opts: OpenOptions {
                 write: false,
                 format: None,
+                exclusive: false,
+                resize: false,
                 ..self.opts.clone()
             },
             chain: self.chain.clone(),
@@ -434,6 +460,8 @@ pub fn open_with_ctx(filename: &str, ctx: &OpenCtx) -> Result<Box<dyn BlockDrive
         }
     };
     ctx.probed = probed;
+    file.lock(opts.lock_spec(format))
+        .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
     let r = match format {
         Format::Raw => raw::open(file, filename, &ctx),
         Format::Qcow2 => qcow2::open(file, filename, &ctx),
@@ -441,7 +469,7 @@ pub fn open_with_ctx(filename: &str, ctx: &OpenCtx) -> Result<Box<dyn BlockDrive
         Format::Vdi => vdi::open(file, filename, &ctx),
     };
     r.map_err(|e| {
-        if e.kind() == ErrorKind::Locked || e.message().starts_with("Could not open") {
+        if e.message().starts_with("Could not open") {
             e
         } else {
             e.context(format!("Could not open '{filename}'"))

@@ -40,7 +40,22 @@ pub enum LockMode {
     Write,
 }
 
+/// The permissions a user holds and those it refuses to share, as QEMU computes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LockSpec {
+    /// Permissions held (lock bytes 100+n).
+    pub held: u32,
+    /// Permissions not shared with others (lock bytes 200+n).
+    pub unshared: u32,
+}
+
 impl LockMode {
+    /// The lock bytes of this mode.
+    pub fn spec(self) -> LockSpec {
+        let (held, unshared) = self.perms();
+        LockSpec { held, unshared }
+    }
+
     fn perms(self) -> (u32, u32) {
         // (held, not shared)
         match self {
@@ -91,7 +106,12 @@ fn is_locked_by_other(file: &File, byte: i64) -> bool {
 /// Applies QEMU's lock bytes for `mode` on `file` and checks that nobody conflicts.
 /// `display` is the file name used in the error message.
 pub fn lock_image(file: &File, mode: LockMode, display: &str) -> Result<()> {
-    let (held, unshared) = mode.perms();
+    lock_spec(file, mode.spec(), display)
+}
+
+/// Applies QEMU's lock bytes for `spec` on `file` and checks that nobody conflicts.
+pub fn lock_spec(file: &File, spec: LockSpec, display: &str) -> Result<()> {
+    let LockSpec { held, unshared } = spec;
     if held == 0 && unshared == 0 {
         return Ok(());
     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 pub use fault::FaultInjector;
-pub use lock::LockMode;
+pub use lock::{LockMode, LockSpec};
 
 /// How to open a host file.
 #[derive(Debug, Clone)]
@@ -195,6 +195,11 @@ impl HostFile {
     /// Is the file empty?
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
+    }
+
+    /// Takes QEMU's lock bytes for `spec` (after the format is known), refusing conflicts.
+    pub fn lock(&self, spec: LockSpec) -> Result<()> {
+        lock::lock_spec(&self.file, spec, &self.display)
     }
 
     /// Bytes actually allocated on the host (st_blocks * 512), like `du`.

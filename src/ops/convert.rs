@@ -93,6 +93,7 @@ pub fn convert(
             format: opts.source_format,
             force_share: opts.force_share,
             direct: opts.src_direct,
+            exclusive: true,
             ..OpenOptions::default()
         };
         srcs.push(formats::open(name, &o)?);

@@ -73,6 +73,7 @@ impl CreateRequest {
         let o = OpenOptions {
             format: fmt,
             no_backing: true,
+            no_io: true,
             force_share: true,
             ..OpenOptions::default()
         };

@@ -32,6 +32,7 @@ pub fn resize(filename: &str, change: SizeChange, opts: &ResizeOptions) -> Resul
         &OpenOptions {
             format: opts.format,
             write: true,
+            resize: true,
             ..OpenOptions::default()
         },
     )?;
