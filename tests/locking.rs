@@ -29,7 +29,7 @@ fn hold(dir: &std::path::Path, fmt: &str, image: &str, ro: bool) -> std::process
         args.push("-r");
     }
     args.push(image);
-    let child = Command::new("qemu-io")
+    let mut child = Command::new("qemu-io")
         .args(&args)
         .current_dir(dir)
         .stdin(Stdio::piped())
@@ -43,6 +43,8 @@ fn hold(dir: &std::path::Path, fmt: &str, image: &str, ro: bool) -> std::process
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("qemu-io did not lock {image}");
 }
 
