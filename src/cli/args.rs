@@ -315,3 +315,29 @@ pub struct ResizeArgs {
     /// FILENAME
     pub files: Vec<String>,
 }
+
+/// `dd`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Copy from input to output, dd style",
+    disable_version_flag = true
+)]
+pub struct DdArgs {
+    /// Input format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output format (default raw).
+    #[arg(short = 'O', long = "output-format", value_name = "OUTPUT_FMT")]
+    pub output_format: Option<String>,
+    /// Shared mode.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Treat the input as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// Operands: if=, of=, bs=, count=, skip=
+    pub operands: Vec<String>,
+}

@@ -2,7 +2,9 @@
 
 use std::io::Write;
 
-use super::args::{self, CompareArgs, ConvertArgs, CreateArgs, InfoArgs, MapArgs, ResizeArgs};
+use super::args::{
+    self, CompareArgs, ConvertArgs, CreateArgs, DdArgs, InfoArgs, MapArgs, ResizeArgs,
+};
 use super::{human, prog, CliError, VerbResult};
 use crate::formats::options::{parse_size, split_opts, SizeError};
 use crate::formats::{self, CreateOpts, Format};
@@ -25,6 +27,7 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "create" => create(rest),
         "convert" => convert(rest),
         "map" => map(rest),
+        "dd" => dd(rest),
         "resize" => resize(rest),
         "compare" => compare(rest),
         "-h" | "--help" | "help" => {
@@ -138,11 +141,16 @@ fn wants_help(list: &[String]) -> bool {
 
 /// qemu-img's `cvtnum`: a size argument, with its two error messages.
 fn cvtnum(what: &str, s: &str) -> Result<u64, CliError> {
+    cvtnum_full(what, s, 0, i64::MAX as u64)
+}
+
+/// qemu-img's `cvtnum_full`: a size argument within bounds.
+fn cvtnum_full(what: &str, s: &str, min: u64, max: u64) -> Result<u64, CliError> {
     match parse_size(s) {
-        Ok(v) if v <= i64::MAX as u64 => Ok(v),
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
         Err(SizeError::Invalid) => Err(CliError::Msg(format!("Invalid {what} specified: '{s}'."))),
         _ => Err(CliError::Msg(format!(
-            "Invalid {what} specified. Must be between 0 and 9223372036854775807."
+            "Invalid {what} specified. Must be between {min} and {max}."
         ))),
     }
 }
@@ -558,4 +566,64 @@ fn resize(argv: &[String]) -> VerbResult {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn dd(argv: &[String]) -> VerbResult {
+    let a: DdArgs = args::parse("dd", argv)?;
+    let mut o = ops::dd::DdOptions {
+        input: String::new(),
+        output: String::new(),
+        input_format: None,
+        output_format: Format::Raw,
+        block_size: 512,
+        count: None,
+        skip: None,
+        force_share: a.force_share,
+    };
+    let (mut have_if, mut have_of) = (false, false);
+    for op in &a.operands {
+        let Some((k, v)) = op.split_once('=') else {
+            return Err(CliError::Msg(format!("unrecognized operand {op}")));
+        };
+        match k {
+            "bs" => o.block_size = cvtnum_full("bs", v, 1, i32::MAX as u64)?,
+            "count" => o.count = Some(cvtnum("count", v)?),
+            "skip" => o.skip = Some(cvtnum("skip", v)?),
+            "if" => {
+                o.input = v.to_string();
+                have_if = true;
+            }
+            "of" => {
+                o.output = v.to_string();
+                have_of = true;
+            }
+            _ => return Err(CliError::Msg(format!("unrecognized operand {k}"))),
+        }
+    }
+    if !(have_if && have_of) {
+        return Err(CliError::Msg(
+            "Must specify both input and output files".into(),
+        ));
+    }
+    o.input_format = open_format(&a.format, &o.input)?;
+    // the input is opened before the output format is looked at
+    if let Some(f) = &a.output_format {
+        if Format::from_name(f).is_err() {
+            crate::formats::open(
+                &o.input,
+                &crate::OpenOptions {
+                    format: o.input_format,
+                    force_share: o.force_share,
+                    ..Default::default()
+                },
+            )?;
+            return Err(CliError::Msg("Unknown file format".into()));
+        }
+        o.output_format = parse_format(f)?;
+    }
+    let r = ops::dd::dd(&o)?;
+    if r.skipped_past_end {
+        eprintln!("{}: {}: cannot skip to specified offset", prog(), o.input);
+    }
+    Ok(0)
 }

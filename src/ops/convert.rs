@@ -140,10 +140,7 @@ pub fn convert(
     let mut sources = Vec::new();
     let mut off = 0u64;
     for s in &srcs {
-        sources.push(Source {
-            img: s.as_ref(),
-            target_offset: off,
-        });
+        sources.push(Source::whole(s.as_ref(), off));
         off += s.virtual_size();
     }
     let params = CopyParams {
@@ -160,6 +157,7 @@ pub fn convert(
         salvage: opts.salvage,
         progress,
         rate: opts.rate,
+        dense: false,
     };
     let stats = engine::copy(&params)?;
     tgt.close()?;

@@ -3,6 +3,7 @@
 pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod dd;
 pub mod engine;
 pub mod info;
 pub mod map;
