@@ -174,6 +174,12 @@ fn map_and_compare_raw_match_qemu_img() {
         &["compare", "a.raw", "short.raw"],
         &["compare", "a.raw", "missing.raw"],
         &["compare", "a.raw"],
+        &["check", "-f", "raw", "a.raw"],
+        &["check", "--output=json", "a.raw"],
+        &["check", "-r", "foo", "a.raw"],
+        &["check", "-r", "all", "a.raw"],
+        &["check"],
+        &["check", "--output=x", "a.raw"],
     ] {
         same_as_qemu(d, args);
     }

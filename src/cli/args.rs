@@ -341,3 +341,31 @@ pub struct DdArgs {
     /// Operands: if=, of=, bs=, count=, skip=
     pub operands: Vec<String>,
 }
+
+/// `check`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Check an image for consistency, and repair it",
+    disable_version_flag = true
+)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Repair: leaks or all.
+    #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
+    pub repair: Option<String>,
+    /// Cache mode.
+    #[arg(short = 'T', long = "cache", value_name = "CACHE_MODE")]
+    pub cache: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Treat FILENAME as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// FILENAME
+    pub files: Vec<String>,
+}

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use super::args::{
-    self, CompareArgs, ConvertArgs, CreateArgs, DdArgs, InfoArgs, MapArgs, ResizeArgs,
+    self, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DdArgs, InfoArgs, MapArgs, ResizeArgs,
 };
 use super::{human, prog, CliError, VerbResult};
 use crate::formats::options::{parse_size, split_opts, SizeError};
@@ -27,6 +27,7 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "create" => create(rest),
         "convert" => convert(rest),
         "map" => map(rest),
+        "check" => check(rest),
         "dd" => dd(rest),
         "resize" => resize(rest),
         "compare" => compare(rest),
@@ -626,4 +627,109 @@ fn dd(argv: &[String]) -> VerbResult {
         eprintln!("{}: {}: cannot skip to specified offset", prog(), o.input);
     }
     Ok(0)
+}
+
+fn check(argv: &[String]) -> VerbResult {
+    let a: CheckArgs = args::parse("check", argv)?;
+    let repair = match a.repair.as_deref() {
+        None => None,
+        Some("leaks") => Some(crate::formats::RepairMode::Leaks),
+        Some("all") => Some(crate::formats::RepairMode::All),
+        Some(o) => {
+            return Err(CliError::Usage(
+                format!("--repair (-r) expects 'leaks' or 'all' not '{o}'"),
+                "check",
+            ))
+        }
+    };
+    if a.files.len() != 1 {
+        return Err(CliError::Usage(
+            "Expecting one image file name".into(),
+            "check",
+        ));
+    }
+    let json = parse_output(&a.common.output, "check")?;
+    let file = &a.files[0];
+    let opts = ops::check::CheckOptions {
+        format: open_format(&a.common.format, file)?,
+        repair,
+        force_share: a.common.force_share,
+    };
+    let out = match ops::check::check(file, &opts) {
+        Ok(o) => o,
+        Err(e) if ops::check::is_unsupported(&e) => {
+            eprintln!("{}: This image format does not support checks", prog());
+            return Ok(63);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for f in &out.first.findings {
+        eprintln!("{}", f.message);
+    }
+    let r = &out.last;
+    let quiet = a.quiet;
+    let mut text = String::new();
+    if json {
+        use crate::qjson::Obj;
+        let nz = |v: u64| if v != 0 { Some(v) } else { None };
+        let o = Obj::new()
+            .with("filename", file.as_str())
+            .with("format", out.format.name())
+            .with("check-errors", r.check_errors)
+            .with_opt("image-end-offset", nz(r.image_end_offset))
+            .with_opt("corruptions", nz(r.corruptions))
+            .with_opt("leaks", nz(r.leaks))
+            .with_opt("corruptions-fixed", nz(r.corruptions_fixed))
+            .with_opt("leaks-fixed", nz(r.leaks_fixed))
+            .with_opt("total-clusters", nz(r.total_clusters))
+            .with_opt("allocated-clusters", nz(r.allocated_clusters))
+            .with_opt("fragmented-clusters", nz(r.fragmented_clusters))
+            .with_opt("compressed-clusters", nz(r.compressed_clusters));
+        text = format!("{}\n", qjson::to_pretty(&Json::Obj(o)));
+    } else {
+        if out.repaired {
+            text.push_str(&format!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                r.leaks_fixed, r.corruptions_fixed
+            ));
+        }
+        if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+            text.push_str("No errors were found on the image.\n");
+        } else {
+            if r.corruptions > 0 {
+                text.push_str(&format!("\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n", r.corruptions));
+            }
+            if r.leaks > 0 {
+                text.push_str(&format!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n", r.leaks));
+            }
+            if r.check_errors > 0 {
+                text.push_str(&format!(
+                    "\n{} internal errors have occurred during the check.\n",
+                    r.check_errors
+                ));
+            }
+        }
+        if r.total_clusters != 0 && r.allocated_clusters != 0 {
+            text.push_str(&format!(
+                "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+                r.allocated_clusters,
+                r.total_clusters,
+                r.allocated_clusters as f64 * 100.0 / r.total_clusters as f64,
+                r.fragmented_clusters as f64 * 100.0 / r.allocated_clusters as f64,
+                r.compressed_clusters as f64 * 100.0 / r.allocated_clusters as f64
+            ));
+        }
+        if r.image_end_offset != 0 {
+            text.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
+        }
+    }
+    if !quiet {
+        print!("{text}");
+        let _ = std::io::stdout().flush();
+    }
+    if r.check_errors > 0 {
+        eprintln!("{}: Check failed", prog());
+        return Ok(1);
+    }
+    Ok(ops::check::exit_code(r))
 }

@@ -131,12 +131,70 @@ pub trait BlockDriver: Send + Sync {
             "Image format driver does not support resize",
         ))
     }
+    /// Checks the image's metadata (`qemu-img check`); with `repair`, fixes what it can.
+    /// Formats without checks answer `Unsupported`.
+    fn check(&self, _repair: Option<RepairMode>) -> Result<CheckReport> {
+        Err(Error::unsupported(
+            "This image format does not support checks",
+        ))
+    }
     /// Flushes and marks the image clean (the last call before dropping a written image).
     fn close(&self) -> Result<()> {
         self.flush()
     }
     /// Downcasting to the concrete driver for format-specific extras.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// What `check -r` may repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairMode {
+    /// Only leaked clusters (`-r leaks`).
+    Leaks,
+    /// Leaks and corruptions (`-r all`).
+    All,
+}
+
+/// One problem found by a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// A short kind: `leak`, `refcount-too-low`, `copied-flag`, `overlap`, ...
+    pub kind: String,
+    /// The host cluster concerned, where there is one.
+    pub cluster: Option<u64>,
+    /// A host or guest offset concerned, where there is one.
+    pub offset: Option<u64>,
+    /// The line qemu-img prints for it (e.g. `Leaked cluster 7 refcount=1 reference=0`).
+    pub message: String,
+    /// Was it repaired?
+    pub repaired: bool,
+}
+
+/// The result of a check, with qemu-img's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Internal errors during the check.
+    pub check_errors: u64,
+    /// Corruptions found (after a repair: the ones left).
+    pub corruptions: u64,
+    /// Leaked clusters found.
+    pub leaks: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// The end of the last used host cluster.
+    pub image_end_offset: u64,
+    /// Guest clusters.
+    pub total_clusters: u64,
+    /// Allocated guest clusters.
+    pub allocated_clusters: u64,
+    /// Allocated clusters not contiguous with their predecessor.
+    pub fragmented_clusters: u64,
+    /// Compressed clusters.
+    pub compressed_clusters: u64,
+    /// Each problem, in the order found.
+    pub findings: Vec<Finding>,
 }
 
 /// A snapshot as `qemu-img info` lists it.
