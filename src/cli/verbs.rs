@@ -5,6 +5,7 @@ use std::io::Write;
 use super::args::{
     self, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DdArgs, InfoArgs, MapArgs, ResizeArgs,
 };
+use super::progress::Progress;
 use super::{human, prog, CliError, VerbResult};
 use crate::formats::options::{parse_size, split_opts, SizeError};
 use crate::formats::{self, CreateOpts, Format};
@@ -217,42 +218,6 @@ fn create(argv: &[String]) -> VerbResult {
     Ok(0)
 }
 
-struct Progress {
-    enabled: bool,
-    json: bool,
-    last: std::sync::Mutex<f64>,
-    start: std::time::Instant,
-}
-
-impl Progress {
-    fn report(&self, done: u64, total: u64) {
-        if !self.enabled {
-            return;
-        }
-        let pct = if total == 0 {
-            100.0
-        } else {
-            done as f64 * 100.0 / total as f64
-        };
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if pct < *last + 1.0 && !(pct >= 100.0 && *last < 100.0) {
-            return;
-        }
-        *last = pct;
-        let mut out = std::io::stdout().lock();
-        if self.json {
-            let _ = writeln!(
-                out,
-                "{{\"done\": {done}, \"total\": {total}, \"elapsed\": {:.3}}}",
-                self.start.elapsed().as_secs_f64()
-            );
-        } else {
-            let _ = write!(out, "    ({pct:.2}/100%)\r");
-        }
-        let _ = out.flush();
-    }
-}
-
 fn convert(argv: &[String]) -> VerbResult {
     let a: ConvertArgs = args::parse("convert", argv)?;
     let target_format_name = a.target_format.clone().unwrap_or_else(|| "raw".into());
@@ -316,18 +281,12 @@ fn convert(argv: &[String]) -> VerbResult {
     };
     o.src_direct = cache(&a.src_cache)?;
     o.tgt_direct = cache(&a.tgt_cache)?;
-    let progress = Progress {
-        enabled: (a.progress || a.progress_json) && !a.quiet,
-        json: a.progress_json,
-        last: std::sync::Mutex::new(-1.0),
-        start: std::time::Instant::now(),
-    };
+    let progress = Progress::new(a.progress && !a.quiet, a.progress_json && !a.quiet, 1.0);
     progress.report(0, 1);
     let cb = |d: u64, t: u64| progress.report(d, t);
-    ops::convert::convert(&o, Some(&cb))?;
-    if progress.enabled && !progress.json {
-        println!();
-    }
+    let r = ops::convert::convert(&o, Some(&cb));
+    progress.finish();
+    r?;
     Ok(0)
 }
 
@@ -468,26 +427,17 @@ fn compare(argv: &[String]) -> VerbResult {
         };
     let img1 = open(&a.files[0], &a.format1)?;
     let img2 = open(&a.files[1], &a.format2)?;
-    let progress = Progress {
-        enabled: a.progress && !a.quiet,
-        json: false,
-        last: std::sync::Mutex::new(-1.0),
-        start: std::time::Instant::now(),
-    };
+    let progress = Progress::new(a.progress && !a.quiet, false, 2.0);
     progress.report(0, 1);
     let cb = |d: u64, t: u64| progress.report(d, t);
     let r = ops::compare::compare(img1.as_ref(), img2.as_ref(), a.strict, &cb);
-    if progress.enabled {
-        progress.report(1, 1);
-        println!();
-    }
     let say = |m: &str| {
         if !a.quiet {
             println!("{m}");
         }
     };
     use ops::compare::CompareResult as R;
-    match r {
+    let code = match r {
         Ok(R::Identical { size_mismatch }) => {
             if size_mismatch {
                 say("Warning: Image size mismatch!");
@@ -521,7 +471,9 @@ fn compare(argv: &[String]) -> VerbResult {
                 3
             })
         }
-    }
+    };
+    progress.finish();
+    code
 }
 
 fn resize(argv: &[String]) -> VerbResult {
