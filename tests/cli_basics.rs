@@ -180,6 +180,12 @@ fn map_and_compare_raw_match_qemu_img() {
         &["check", "-r", "all", "a.raw"],
         &["check"],
         &["check", "--output=x", "a.raw"],
+        &["measure", "--size", "1G"],
+        &["measure", "-O", "raw", "a.raw"],
+        &["measure", "--output=json", "-O", "raw", "a.raw"],
+        &["measure"],
+        &["measure", "--size", "1G", "a.raw"],
+        &["measure", "-O", "nope", "--size", "1G"],
     ] {
         same_as_qemu(d, args);
     }

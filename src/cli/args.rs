@@ -369,3 +369,34 @@ pub struct CheckArgs {
     /// FILENAME
     pub files: Vec<String>,
 }
+
+/// `measure`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Calculate the file size needed for a new image",
+    disable_version_flag = true
+)]
+pub struct MeasureArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Target format options.
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Target format (default raw).
+    #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
+    pub target_format: Option<String>,
+    /// Size of a new image instead of a source.
+    #[arg(long = "size", value_name = "SIZE")]
+    pub size: Option<String>,
+    /// Source snapshot.
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT_PARAM")]
+    pub snapshot: Option<String>,
+    /// Treat FILENAME as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// FILENAME
+    pub files: Vec<String>,
+}

@@ -3,7 +3,8 @@
 use std::io::Write;
 
 use super::args::{
-    self, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DdArgs, InfoArgs, MapArgs, ResizeArgs,
+    self, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DdArgs, InfoArgs, MapArgs, MeasureArgs,
+    ResizeArgs,
 };
 use super::progress::Progress;
 use super::{human, prog, CliError, VerbResult};
@@ -28,6 +29,7 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "create" => create(rest),
         "convert" => convert(rest),
         "map" => map(rest),
+        "measure" => measure(rest),
         "check" => check(rest),
         "dd" => dd(rest),
         "resize" => resize(rest),
@@ -684,4 +686,88 @@ fn check(argv: &[String]) -> VerbResult {
         return Ok(1);
     }
     Ok(ops::check::exit_code(r))
+}
+
+fn measure(argv: &[String]) -> VerbResult {
+    let a: MeasureArgs = args::parse("measure", argv)?;
+    let json = parse_output(&a.common.output, "measure")?;
+    if a.files.len() > 1 {
+        return Err(CliError::Msg(
+            "At most one filename argument is allowed.".into(),
+        ));
+    }
+    let size = a
+        .size
+        .as_deref()
+        .map(|s| cvtnum("image size", s))
+        .transpose()?;
+    let file = a.files.first().cloned();
+    if file.is_none() && (a.image_opts || a.common.format.is_some() || a.snapshot.is_some()) {
+        return Err(CliError::Msg(
+            "--image-opts, -f, and -l require a filename argument.".into(),
+        ));
+    }
+    if file.is_some() && size.is_some() {
+        return Err(CliError::Msg(
+            "--size N cannot be used together with a filename.".into(),
+        ));
+    }
+    if file.is_none() && size.is_none() {
+        return Err(CliError::Msg(
+            "Either --size N or one filename must be specified.".into(),
+        ));
+    }
+    let source_format = match &file {
+        Some(f) => open_format(&a.common.format, f)?,
+        None => None,
+    };
+    if let Some(f) = &file {
+        // the source is opened before the target format is looked at
+        crate::formats::open(
+            f,
+            &crate::OpenOptions {
+                format: source_format,
+                force_share: a.common.force_share,
+                ..Default::default()
+            },
+        )?;
+    }
+    let tname = a.target_format.clone().unwrap_or_else(|| "raw".into());
+    let target_format = Format::from_name(&tname)
+        .map_err(|_| CliError::Msg(format!("Unknown file format '{tname}'")))?;
+    let opts = merge_opts(&a.options)?;
+    for (k, _) in opts.iter() {
+        let known = crate::formats::create_options(target_format)
+            .iter()
+            .chain(crate::formats::raw::PROTOCOL_OPTS)
+            .any(|d| d.name == k);
+        if !known {
+            return Err(CliError::Msg(format!(
+                "Invalid parameter '{k}'\n{}: Invalid options for file format '{tname}'",
+                prog()
+            )));
+        }
+    }
+    let m = ops::measure::measure(&ops::measure::MeasureOptions {
+        target_format,
+        opts,
+        size,
+        source: file,
+        source_format,
+        force_share: a.common.force_share,
+    })?;
+    if json {
+        let o = crate::qjson::Obj::new()
+            .with_opt("bitmaps", m.bitmaps)
+            .with("required", m.required)
+            .with("fully-allocated", m.fully_allocated);
+        println!("{}", qjson::to_pretty(&Json::Obj(o)));
+    } else {
+        println!("required size: {}", m.required);
+        println!("fully allocated size: {}", m.fully_allocated);
+        if let Some(b) = m.bitmaps {
+            println!("bitmaps size: {b}");
+        }
+    }
+    Ok(0)
 }

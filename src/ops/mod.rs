@@ -8,4 +8,5 @@ pub mod dd;
 pub mod engine;
 pub mod info;
 pub mod map;
+pub mod measure;
 pub mod resize;

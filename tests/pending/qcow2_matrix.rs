@@ -131,3 +131,28 @@ fn backing_chains_snapshots_bitmaps_and_data_files() {
     ok(qemu_io(d, "qcow2", "extr.qcow2", &["write -P 10 0 128k"]));
     compare_all(d, "extr.qcow2");
 }
+
+#[test]
+fn measure_matches_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    ok(qemu_img(d, &["create", "-q", "-f", "qcow2", "src.qcow2", "64M"]));
+    ok(qemu_io(d, "qcow2", "src.qcow2", &["write -P 1 100k 3M", "write -z 8M 1M", "write -P 2 30M 4k"]));
+    ok(qemu_img(d, &["bitmap", "--add", "src.qcow2", "bm"]));
+    for args in [
+        &["measure", "--size", "1G", "-O", "qcow2"][..],
+        &["measure", "--output=json", "--size", "1G", "-O", "qcow2"],
+        &["measure", "-O", "qcow2", "src.qcow2"],
+        &["measure", "--output=json", "-O", "qcow2", "src.qcow2"],
+        &["measure", "-O", "qcow2", "-o", "cluster_size=4k,refcount_bits=1", "src.qcow2"],
+        &["measure", "-O", "qcow2", "-o", "cluster_size=2M,extended_l2=on", "--size", "100T"],
+        &["measure", "-O", "qcow2", "-o", "cluster_size=512", "--size", "10T"],
+        &["measure", "-O", "qcow2", "-o", "compat=0.10,refcount_bits=8", "--size", "1G"],
+        &["measure", "-O", "qcow2", "-o", "preallocation=full", "--size", "100M"],
+        &["measure", "-O", "qcow2", "-o", "backing_file=x", "src.qcow2"],
+        &["measure", "-O", "raw", "src.qcow2"],
+    ] {
+        same_as_qemu(d, args);
+    }
+}
