@@ -117,6 +117,21 @@ pub trait BlockDriver: Send + Sync {
             self.format()
         )))
     }
+    /// Compresses one cluster ahead of [`BlockDriver::write_compressed_data`], on any thread
+    /// and without taking the driver's locks, so that the copy engine compresses on every
+    /// core while it writes in order. `None`: compression only happens inside
+    /// `write_compressed`. `Some(None)`-like cases (data that does not shrink) are the
+    /// driver's business: it returns what `write_compressed_data` understands.
+    fn compress_cluster(&self, _buf: &[u8], _offset: u64) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Stores a cluster prepared by [`BlockDriver::compress_cluster`] for guest `offset`.
+    fn write_compressed_data(&self, _data: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Compression is not supported for image format '{}'",
+            self.format()
+        )))
+    }
     /// Deallocates a range (contents become unspecified but readable).
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes everything written so far durable.

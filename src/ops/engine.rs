@@ -271,6 +271,8 @@ enum Op {
     Write(u64, std::ops::Range<usize>),
     Zero(u64, u64),
     Compressed(u64, std::ops::Range<usize>),
+    /// Compressed by the worker already (the driver's `compress_cluster`).
+    Prepared(u64, Vec<u8>, u64),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -325,7 +327,11 @@ fn process(
                             ops.push(Op::Zero(toff + pos as u64, len as u64));
                         }
                     } else if in_cluster == 0 {
-                        ops.push(Op::Compressed(toff + pos as u64, pos..pos + len));
+                        let off = toff + pos as u64;
+                        match p.target.compress_cluster(part, off)? {
+                            Some(data) => ops.push(Op::Prepared(off, data, len as u64)),
+                            None => ops.push(Op::Compressed(off, pos..pos + len)),
+                        }
                     } else {
                         ops.push(Op::Write(toff + pos as u64, pos..pos + len));
                     }
@@ -363,6 +369,10 @@ fn process(
                 Op::Compressed(off, r) => {
                     p.target.write_compressed(&buf[r.clone()], *off)?;
                     st.bytes_written += (r.end - r.start) as u64;
+                }
+                Op::Prepared(off, data, len) => {
+                    p.target.write_compressed_data(data, *off)?;
+                    st.bytes_written += len;
                 }
                 Op::Zero(off, len) => {
                     p.target.write_zeroes(*off, *len, !p.target_has_backing)?;
