@@ -129,7 +129,23 @@ fn merge_opts(list: &[String]) -> Result<CreateOpts, CliError> {
     Ok(o)
 }
 
-fn print_opts_help(format: Format) {
+/// `-o help`: the format's options; with a target file name, merged with the host file's
+/// options (sorted by name), as qemu-img prints them.
+fn print_opts_help(format: Format, filename: Option<&str>) {
+    if filename.is_some() {
+        let mut all: Vec<&formats::OptDesc> = formats::create_options(format).iter().collect();
+        for d in formats::raw::PROTOCOL_OPTS {
+            if !all.iter().any(|x| x.name == d.name) {
+                all.push(d);
+            }
+        }
+        all.sort_by_key(|d| d.name);
+        println!("Supported options:");
+        for d in all {
+            println!("{}", d.help_line());
+        }
+        return;
+    }
     println!("Supported {} options:", format.name());
     for d in formats::create_options(format) {
         println!("{}", d.help_line());
@@ -168,7 +184,7 @@ fn create(argv: &[String]) -> VerbResult {
     let format_name = a.format.clone().unwrap_or_else(|| "raw".to_string());
     if wants_help(&a.options) {
         let format = parse_format(&format_name)?;
-        print_opts_help(format);
+        print_opts_help(format, a.rest.first().map(String::as_str));
         return Ok(0);
     }
     let Some(filename) = a.rest.first().cloned() else {
@@ -222,19 +238,85 @@ fn create(argv: &[String]) -> VerbResult {
 
 fn convert(argv: &[String]) -> VerbResult {
     let a: ConvertArgs = args::parse("convert", argv)?;
-    let target_format_name = a.target_format.clone().unwrap_or_else(|| "raw".into());
+    let mut o = ops::convert::ConvertOptions::new(Vec::new(), String::new());
+    if let Some(sz) = &a.sparse_size {
+        let v = cvtnum("buffer size for sparse output", sz)?;
+        if v % 512 != 0 || v / 512 > 32768 {
+            return Err(CliError::Msg(
+                "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).".into(),
+            ));
+        }
+        o.sparse_size = v;
+    }
+    if let Some(m) = &a.parallel {
+        o.workers = match m.parse::<usize>() {
+            Ok(n) if (1..=16).contains(&n) => n,
+            _ => {
+                return Err(CliError::Msg(
+                    "Invalid number of coroutines specified. Must be between 1 and 16.".into(),
+                ))
+            }
+        };
+    }
+    if let Some(r) = &a.rate {
+        o.rate = Some(cvtnum("rate limit", r)?);
+    }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(CliError::Msg(
+            "Use of --skip-broken-bitmaps requires --bitmaps".into(),
+        ));
+    }
+    if a.compress && a.copy_range {
+        return Err(CliError::Msg(
+            "Cannot enable copy offloading when -c is used".into(),
+        ));
+    }
+    if a.sparse_size.is_some() && a.copy_range {
+        return Err(CliError::Msg(
+            "Cannot enable copy offloading when -S is used".into(),
+        ));
+    }
+    if a.copy_range && a.salvage {
+        return Err(CliError::Msg(
+            "Cannot use copy offloading in salvaging mode".into(),
+        ));
+    }
+    if a.target_image_opts && !a.no_create {
+        return Err(CliError::Msg(
+            "--target-image-opts requires use of -n flag".into(),
+        ));
+    }
+    if a.no_create && !a.options.is_empty() {
+        return Err(CliError::Msg(
+            "-o has no effect when skipping image creation".into(),
+        ));
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err(CliError::Msg(
+            "--target-is-zero requires use of -n flag".into(),
+        ));
+    }
     if wants_help(&a.options) {
-        print_opts_help(parse_format(&target_format_name)?);
+        let f = a.target_format.as_deref().unwrap_or("raw");
+        print_opts_help(parse_format(f)?, a.files.last().map(String::as_str));
         return Ok(0);
     }
     if a.files.len() < 2 {
         return Err(CliError::Msg("Must specify image file name".into()));
     }
+    let cache = |c: &Option<String>, what: &str| -> Result<bool, CliError> {
+        match c.as_deref() {
+            None | Some("writeback") | Some("unsafe") | Some("writethrough") => Ok(false),
+            Some("none") | Some("directsync") => Ok(true),
+            Some(other) => Err(CliError::Msg(format!("Invalid {what}: {other}"))),
+        }
+    };
+    o.src_direct = cache(&a.src_cache, "source cache option")?;
     let (target, sources) = a.files.split_last().expect("two or more");
-    let target_format = parse_format(&target_format_name)?;
-    let mut o = ops::convert::ConvertOptions::new(sources.to_vec(), target.clone());
-    o.source_format = a.format.as_deref().map(parse_format).transpose()?;
-    o.target_format = target_format;
+    o.sources = sources.to_vec();
+    o.target = target.clone();
+    o.source_format = open_format(&a.format, &sources[0])?;
+    o.target_format = a.target_format.clone().unwrap_or_else(|| "raw".into());
     o.target_opts = merge_opts(&a.options)?;
     o.compress = a.compress;
     o.no_create = a.no_create;
@@ -244,45 +326,8 @@ fn convert(argv: &[String]) -> VerbResult {
     o.force_share = a.force_share;
     o.out_of_order = a.oob_writes;
     o.salvage = a.salvage;
-    if a.backing_format.is_some() && a.backing.is_none() {
-        return Err(CliError::Msg(
-            "Specifying backing image format requires specifying a backing image".into(),
-        ));
-    }
-    if let Some(s) = &a.sparse_size {
-        o.sparse_size = match parse_size(s) {
-            Ok(v) if v <= i64::MAX as u64 / 512 => v,
-            _ => {
-                return Err(CliError::Msg(
-                    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 1 GiB"
-                        .into(),
-                ))
-            }
-        };
-    }
-    if let Some(m) = &a.parallel {
-        o.workers = match m.parse::<usize>() {
-            Ok(n) if (1..=16).contains(&n) => n,
-            _ => return Err(CliError::Msg(
-                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
-                    .into(),
-            )),
-        };
-    }
-    if let Some(r) = &a.rate {
-        o.rate =
-            Some(parse_size(r).map_err(|_| CliError::Msg("Invalid rate limit specified".into()))?);
-    }
-    let cache = |c: &Option<String>| -> Result<bool, CliError> {
-        match c.as_deref() {
-            None | Some("writeback") | Some("unsafe") | Some("writethrough")
-            | Some("directsync") => Ok(c.as_deref() == Some("directsync")),
-            Some("none") => Ok(true),
-            Some(other) => Err(CliError::Msg(format!("Invalid cache option: {other}"))),
-        }
-    };
-    o.src_direct = cache(&a.src_cache)?;
-    o.tgt_direct = cache(&a.tgt_cache)?;
+    o.copy_range = a.copy_range;
+    o.tgt_direct = cache(&a.tgt_cache, "cache option")?;
     let progress = Progress::new(a.progress && !a.quiet, a.progress_json && !a.quiet, 1.0);
     progress.report(0, 1);
     let cb = |d: u64, t: u64| progress.report(d, t);

@@ -8,7 +8,7 @@ pub mod fault;
 pub mod lock;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +26,8 @@ pub struct HostOpenOptions {
     pub create: bool,
     /// QEMU lock mode to apply.
     pub lock: LockMode,
-    /// Bypass the page cache (O_DIRECT).
+    /// Keep the page cache out of it (`cache=none`). Done with fadvise(DONTNEED) after
+    /// flushes rather than O_DIRECT, so that buffers need no alignment.
     pub direct: bool,
     /// Optional fault injector (tests).
     pub faults: Option<Arc<FaultInjector>>,
@@ -67,6 +68,7 @@ pub struct HostFile {
     path: PathBuf,
     display: String,
     writable: bool,
+    direct: bool,
     faults: Option<Arc<FaultInjector>>,
 }
 
@@ -83,9 +85,6 @@ impl HostFile {
         if opts.create {
             oo.create(true).truncate(true);
         }
-        if opts.direct {
-            oo.custom_flags(libc::O_DIRECT);
-        }
         let file = oo
             .open(path)
             .map_err(|e| Error::io(e, format!("Could not open '{display}'")))?;
@@ -95,6 +94,7 @@ impl HostFile {
             path: path.to_path_buf(),
             display,
             writable: opts.write || opts.create,
+            direct: opts.direct,
             faults: opts.faults.clone(),
         })
     }
@@ -231,7 +231,19 @@ impl HostFile {
         }
         self.file
             .sync_data()
-            .map_err(|e| Error::io(e, format!("{}: flush failed", self.display)))
+            .map_err(|e| Error::io(e, format!("{}: flush failed", self.display)))?;
+        if self.direct {
+            self.drop_cache();
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to drop this file's cached pages (best effort).
+    pub fn drop_cache(&self) {
+        // SAFETY: posix_fadvise on a valid fd.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
     }
 
     fn lseek(&self, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
