@@ -202,11 +202,25 @@ impl VmdkDriver {
             h.capacity == 0 && h.desc_offset != 0
         };
         if (is_kdmv && !desc_only) || &head[..4] == MAGIC_COWD {
+            if len < SECTOR {
+                return Err(Error::invalid_image(format!(
+                    "header is truncated (the file has only {len} bytes)"
+                )));
+            }
             let ext = if is_kdmv {
-                SparseExtent::open_vmdk4(main.clone(), filename, &head, writable)?
+                SparseExtent::open_vmdk4(main.clone(), filename, &head, writable)
             } else {
-                SparseExtent::open_cowd(main.clone(), filename, &head, writable)?
+                SparseExtent::open_cowd(main.clone(), filename, &head, writable)
             };
+            // The caller names the file already ("Could not open 'x': ...").
+            let prefix = format!("{filename}: ");
+            let ext = ext.map_err(|e| match e.message().strip_prefix(&prefix) {
+                Some(rest) => {
+                    let rest = rest.to_string();
+                    e.with_message(rest)
+                }
+                None => e,
+            })?;
             create_type = if ext.cowd {
                 "vmfsSparse"
             } else if ext.compressed {
