@@ -806,7 +806,58 @@ fn stream_markers_walk() {
     // The directory names the three tables.
     let gd: Vec<u32> = (0..3).map(|i| le32(gd_at * 512 + i * 4)).collect();
     assert_eq!(gd, [gts[0] as u32, gts[1] as u32, gts[2] as u32]);
-    // And it reads back.
+    // It maps as compressed grains and holes, and reads back.
+    let r = formats::open(&img, &OpenOptions::read_only()).unwrap();
+    assert_eq!(r.map(0, MIB).unwrap(), (Mapping::Compressed, 256 << 10));
+    assert_eq!(r.map(MIB, MIB).unwrap(), (Mapping::Unallocated, MIB));
+    drop(r);
     let back = diskit_raw(Path::new(&img));
     assert_same(&back[..data.len()], &data, "stream data");
+}
+
+#[test]
+fn read_vmfs_sparse_cowd_extent() {
+    require_qemu!();
+    // A hand-made ESX sparse (COWD) extent: 1 MiB, 8 KiB grains, one grain table of 4096
+    // entries at sector 4, two grains of data.
+    let dir = tmpdir();
+    let d = dir.path();
+    let mut f = vec![0u8; 64 * 512 + 2 * 8192];
+    f[0..4].copy_from_slice(b"COWD");
+    let put = |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    put(&mut f, 4, 1); // version
+    put(&mut f, 8, 3); // flags
+    put(&mut f, 12, 2048); // capacity in sectors
+    put(&mut f, 16, 16); // granularity
+    put(&mut f, 20, 2); // directory at sector 2
+    put(&mut f, 24, 1); // one directory entry
+    put(&mut f, 2 * 512, 4); // grain table at sector 4 (32 sectors)
+    put(&mut f, 4 * 512 + 3 * 4, 64); // grain 3 at sector 64
+    put(&mut f, 4 * 512 + 100 * 4, 80); // grain 100 at sector 80
+    let data = pattern(2 * 8192, 21);
+    f[64 * 512..].copy_from_slice(&data);
+    std::fs::write(d.join("c-delta.vmdk"), &f).unwrap();
+    std::fs::write(
+        d.join("c.vmdk"),
+        "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"vmfsSparse\"\n# Extent description\nRW 2048 VMFSSPARSE \"c-delta.vmdk\"\n",
+    )
+    .unwrap();
+    let c = p(d, "c.vmdk");
+    let q = qemu_raw(d, &c, Some("vmdk"));
+    let dk = diskit_raw(Path::new(&c));
+    assert_same(&dk, &q, "cowd");
+    assert_same(&dk[3 * 8192..4 * 8192], &data[..8192], "cowd grain 3");
+    assert_same(&dk[100 * 8192..101 * 8192], &data[8192..], "cowd grain 100");
+    // The bare COWD file opens too.
+    let bare = formats::open(&p(d, "c-delta.vmdk"), &OpenOptions::read_only()).unwrap();
+    assert_eq!(bare.virtual_size(), MIB);
+    assert_eq!(
+        bare.map(3 * 8192, MIB).unwrap(),
+        (
+            Mapping::Data {
+                host_offset: 64 * 512
+            },
+            8192
+        )
+    );
 }

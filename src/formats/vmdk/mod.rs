@@ -769,6 +769,15 @@ impl BlockDriver for VmdkDriver {
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;
+            let ext = self.find(off)?;
+            if let ExtentKind::Flat { file, offset: base } = &ext.kind {
+                // Flat extents need no mapping (holes read as zero anyway).
+                let rel = off - ext.start;
+                let n = ((ext.len - rel) as usize).min(buf.len() - done);
+                file.read_at(&mut buf[done..done + n], base + rel)?;
+                done += n;
+                continue;
+            }
             let (m, n, ext) = self.map_piece(off, (buf.len() - done) as u64)?;
             let n = n as usize;
             let dst = &mut buf[done..done + n];
