@@ -673,17 +673,14 @@ impl BlockDriver for VdiDriver {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // The read lock is held during the data I/O: compaction, discard and repair move
+        // data blocks under the write lock, so a block found here stays where it is.
+        let st = self.rd();
+        self.check_range(&st, offset, buf.len() as u64)?;
         let mut done = 0usize;
-        {
-            let st = self.rd();
-            self.check_range(&st, offset, buf.len() as u64)?;
-        }
         while done < buf.len() {
             let off = offset + done as u64;
-            let (k, len) = {
-                let st = self.rd();
-                Self::run(&st, off, (buf.len() - done) as u64)
-            };
+            let (k, len) = Self::run(&st, off, (buf.len() - done) as u64);
             let part = &mut buf[done..done + len as usize];
             match k {
                 Kind::Data(h) => self.file.read_at(part, h)?,
@@ -700,26 +697,19 @@ impl BlockDriver for VdiDriver {
             let st = self.rd();
             self.check_range(&st, offset, buf.len() as u64)?;
             self.check_writable(&st)?;
-            // Fast path: every block is allocated, no metadata changes.
-            let bs = st.hdr.block_size as u64;
+            // Fast path: every block is allocated, no metadata changes. The read lock stays
+            // held while writing so no block moves underneath.
             let mut runs = Vec::new();
             let mut done = 0usize;
-            let mut all = true;
             while done < buf.len() {
                 let off = offset + done as u64;
-                let (k, len) = Self::run(&st, off, (buf.len() - done) as u64);
-                match k {
-                    Kind::Data(h) => runs.push((done, len as usize, h)),
-                    _ => {
-                        all = false;
-                        break;
-                    }
+                match Self::run(&st, off, (buf.len() - done) as u64) {
+                    (Kind::Data(h), len) => runs.push((done, len as usize, h)),
+                    _ => break,
                 }
-                done += len as usize;
-                let _ = bs;
+                done += runs.last().map_or(0, |r| r.1);
             }
-            if all {
-                drop(st);
+            if done == buf.len() {
                 for (d, n, h) in runs {
                     self.file.write_at(&buf[d..d + n], h)?;
                 }
