@@ -531,3 +531,141 @@ fn vdi_differencing_reads_through_parent() {
     let im = diskit::open(s(&child), &o).unwrap();
     assert!(im.backing().is_none());
 }
+
+/// Builds a VDI file the way VirtualBox lays it out (0x190-byte header with LCHS geometry,
+/// map and data aligned far apart, data blocks in any order, optional per-block extra data).
+/// `slots[b]` is the physical block of guest block `b` (or a FREE/ZERO marker).
+#[allow(clippy::too_many_arguments)]
+fn vbox_image(
+    path: &Path,
+    disk_size: u64,
+    bs: u32,
+    extra: u32,
+    off_bmap: u32,
+    off_data: u32,
+    slots: &[u32],
+    model: &[u8],
+) {
+    let mut f = vec![0u8; off_data as usize];
+    let text = b"<<< Oracle VirtualBox Disk Image >>>\n";
+    f[..text.len()].copy_from_slice(text);
+    let put32 = |f: &mut Vec<u8>, o: usize, v: u32| f[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    put32(&mut f, 0x40, 0xbeda_107f);
+    put32(&mut f, 0x44, 0x0001_0001);
+    put32(&mut f, 0x48, 0x190);
+    put32(&mut f, 0x4c, 1);
+    f[0x54..0x54 + 9].copy_from_slice(b"hello vdi");
+    put32(&mut f, 0x154, off_bmap);
+    put32(&mut f, 0x158, off_data);
+    put32(&mut f, 0x168, 512);
+    f[0x170..0x178].copy_from_slice(&disk_size.to_le_bytes());
+    put32(&mut f, 0x178, bs);
+    put32(&mut f, 0x17c, extra);
+    put32(&mut f, 0x180, slots.len() as u32);
+    let alloc = slots.iter().filter(|&&s| s < 0xffff_fffe).count() as u32;
+    put32(&mut f, 0x184, alloc);
+    for (i, b) in f[0x188..0x1a8].iter_mut().enumerate() {
+        *b = i as u8 + 1;
+    }
+    put32(&mut f, 0x1c8, 1024); // LCHS: cylinders, heads, sectors, sector size
+    put32(&mut f, 0x1cc, 16);
+    put32(&mut f, 0x1d0, 63);
+    put32(&mut f, 0x1d4, 512);
+    for (i, &s) in slots.iter().enumerate() {
+        put32(&mut f, off_bmap as usize + 4 * i, s);
+    }
+    let slot_size = (bs + extra) as usize;
+    f.resize(off_data as usize + alloc as usize * slot_size, 0);
+    for (i, &s) in slots.iter().enumerate() {
+        if s >= 0xffff_fffe {
+            continue;
+        }
+        let base = off_data as usize + s as usize * slot_size;
+        f[base..base + extra as usize].fill(0xee);
+        let g = i * bs as usize;
+        let n = (model.len() - g).min(bs as usize);
+        f[base + extra as usize..base + extra as usize + n].copy_from_slice(&model[g..g + n]);
+    }
+    std::fs::write(path, f).unwrap();
+}
+
+#[test]
+fn vdi_virtualbox_layout_reads_and_writes() {
+    require_qemu!();
+    let _serial = serial();
+    let d = tmpdir();
+    let img = p(d.path(), "vbox.vdi");
+    let size = 4 * MIB + 512 * 1000 + 77; // odd size: qemu and diskit round up to 512
+    let vsize = size.div_ceil(512) * 512;
+    let mut model = vec![0u8; vsize as usize];
+    for (b, seed) in [(0u64, 1u64), (2, 2), (4, 3)] {
+        let g = (b * MIB) as usize;
+        let n = (model.len() - g).min(MIB as usize);
+        model[g..g + n].copy_from_slice(&pattern(n, seed));
+    }
+    let slots = [2, 0xffff_ffff, 0, 0xffff_fffe, 1];
+    vbox_image(
+        &img, size, MIB as u32, 0, 0x10_0000, 0x20_0000, &slots, &model,
+    );
+    assert!(diskit_raw(&img) == model);
+    assert!(qemu_raw(d.path(), s(&img), Some("vdi")) == model);
+    {
+        let im = open_rw(&img);
+        let h = vdi(&*im).header_info();
+        assert_eq!(h.description, "hello vdi");
+        assert_eq!(h.header_size, 0x190);
+        assert_eq!(h.lchs_geometry.unwrap().heads, 16);
+        assert_eq!(h.text, "<<< Oracle VirtualBox Disk Image >>>\n");
+        assert_eq!(im.virtual_size(), vsize);
+        im.write_at(&[0x42; 1000], MIB + 5).unwrap();
+        model[MIB as usize + 5..MIB as usize + 1005].fill(0x42);
+        im.write_at(&vec![0; MIB as usize], 2 * MIB).unwrap();
+        model[2 * MIB as usize..3 * MIB as usize].fill(0);
+        let st = vdi(&*im).compact().unwrap();
+        assert_eq!(st.blocks_released, 1);
+        assert_eq!(st.new_file_size, 0x20_0000 + 3 * MIB);
+        im.close().unwrap();
+    }
+    qcheck(d.path(), &img);
+    assert!(qemu_raw(d.path(), s(&img), Some("vdi")) == model);
+    assert!(diskit_raw(&img) == model);
+    let raw = std::fs::read(&img).unwrap();
+    assert_eq!(&raw[0x1cc..0x1d0], &16u32.to_le_bytes(), "LCHS kept");
+    assert_eq!(&raw[0x54..0x5d], b"hello vdi");
+}
+
+#[test]
+fn vdi_small_blocks_with_extra_data() {
+    require_qemu!();
+    let _serial = serial();
+    let d = tmpdir();
+    let img = p(d.path(), "small.vdi");
+    let bs = 64 * 1024u32;
+    let size = 300 * 1024u64;
+    let mut model = vec![0u8; size as usize];
+    for (b, seed) in [(1u64, 5u64), (3, 6), (4, 7)] {
+        let g = (b * bs as u64) as usize;
+        let n = (model.len() - g).min(bs as usize);
+        model[g..g + n].copy_from_slice(&pattern(n, seed));
+    }
+    let slots = [0xffff_fffe, 2, 0xffff_ffff, 0, 1];
+    vbox_image(&img, size, bs, 512, 0x200, 0x400, &slots, &model);
+    assert!(diskit_raw(&img) == model);
+    let out = qemu_img(d.path(), &["info", s(&img)]);
+    assert!(stderr(&out).contains("block size 65536 is not 1048576"));
+    {
+        let im = open_rw(&img);
+        assert_eq!(im.cluster_size(), Some(bs as u64));
+        im.write_at(&pattern(100_000, 8), 100_000).unwrap();
+        model[100_000..200_000].copy_from_slice(&pattern(100_000, 8));
+        im.write_zeroes(3 * bs as u64, bs as u64, true).unwrap();
+        model[3 * bs as usize..4 * bs as usize].fill(0);
+        vdi(&*im).compact().unwrap();
+        assert!(vdi(&*im).check(false).unwrap().is_clean());
+        im.close().unwrap();
+    }
+    assert!(diskit_raw(&img) == model);
+    let raw = std::fs::read(&img).unwrap();
+    // blocks 1, 2, 4 remain (block 1 and 2 rewritten, 3 released): 3 slots of 64 KiB + 512.
+    assert_eq!(raw.len(), 0x400 + 3 * (bs as usize + 512));
+}

@@ -13,7 +13,7 @@ use crate::io::{is_zero, HostFile};
 /// Largest buffer used for block copies and fills.
 pub(crate) const CHUNK: u64 = 1 << 20;
 /// Header and map updates are written in one operation when they span at most this much.
-pub(crate) const COMBINE_SMALL: u64 = 64 << 10;
+pub(crate) const COMBINE_SMALL: u64 = 4 << 10;
 /// The same limit for the commit point of compaction (rare, worth a bigger write).
 pub(crate) const COMBINE_LARGE: u64 = 8 << 20;
 
@@ -345,13 +345,15 @@ impl VdiDriver {
         let h = &st.hdr;
         let map_start = h.offset_bmap as u64;
         let map_bytes = st.map.len() as u64 * 4;
-        let (s0, s1) = if st.map.is_empty() {
-            (map_start, map_start)
+        let s1 = if st.map.is_empty() {
+            map_start
         } else {
-            let a = (first as u64 * 4) / SECTOR * SECTOR;
-            let b = ((last as u64 + 1) * 4).div_ceil(SECTOR) * SECTOR;
-            (map_start + a, map_start + b)
+            map_start + ((last as u64 + 1) * 4).div_ceil(SECTOR) * SECTOR
         };
+        let together = header && s1 > map_start && s1 <= combine;
+        // Written together, the map goes out from its start (from memory, the truth).
+        let first = if together { 0 } else { first };
+        let s0 = (map_start + (first as u64 * 4) / SECTOR * SECTOR).min(s1);
         let mut buf = Vec::with_capacity((s1 - s0) as usize);
         let mut i = ((s0 - map_start) / 4) as usize;
         while (buf.len() as u64) < s1 - s0 && (i as u64) * 4 < map_bytes {
@@ -366,7 +368,8 @@ impl VdiDriver {
         }
         let mut hdr = h.clone();
         hdr.store();
-        if header && s1 > s0 && s1 <= combine {
+        if together {
+            // Header, the bytes between header and map as they are on disk, then the map.
             let mut all = vec![0u8; s0 as usize];
             all[..512].copy_from_slice(&hdr.raw);
             if s0 > 512 {
@@ -673,17 +676,14 @@ impl BlockDriver for VdiDriver {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // The read lock is held during the data I/O: compaction, discard and repair move
+        // data blocks under the write lock, so a block found here stays where it is.
+        let st = self.rd();
+        self.check_range(&st, offset, buf.len() as u64)?;
         let mut done = 0usize;
-        {
-            let st = self.rd();
-            self.check_range(&st, offset, buf.len() as u64)?;
-        }
         while done < buf.len() {
             let off = offset + done as u64;
-            let (k, len) = {
-                let st = self.rd();
-                Self::run(&st, off, (buf.len() - done) as u64)
-            };
+            let (k, len) = Self::run(&st, off, (buf.len() - done) as u64);
             let part = &mut buf[done..done + len as usize];
             match k {
                 Kind::Data(h) => self.file.read_at(part, h)?,
@@ -700,26 +700,19 @@ impl BlockDriver for VdiDriver {
             let st = self.rd();
             self.check_range(&st, offset, buf.len() as u64)?;
             self.check_writable(&st)?;
-            // Fast path: every block is allocated, no metadata changes.
-            let bs = st.hdr.block_size as u64;
+            // Fast path: every block is allocated, no metadata changes. The read lock stays
+            // held while writing so no block moves underneath.
             let mut runs = Vec::new();
             let mut done = 0usize;
-            let mut all = true;
             while done < buf.len() {
                 let off = offset + done as u64;
-                let (k, len) = Self::run(&st, off, (buf.len() - done) as u64);
-                match k {
-                    Kind::Data(h) => runs.push((done, len as usize, h)),
-                    _ => {
-                        all = false;
-                        break;
-                    }
+                match Self::run(&st, off, (buf.len() - done) as u64) {
+                    (Kind::Data(h), len) => runs.push((done, len as usize, h)),
+                    _ => break,
                 }
-                done += len as usize;
-                let _ = bs;
+                done += runs.last().map_or(0, |r| r.1);
             }
-            if all {
-                drop(st);
+            if done == buf.len() {
                 for (d, n, h) in runs {
                     self.file.write_at(&buf[d..d + n], h)?;
                 }
