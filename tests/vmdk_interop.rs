@@ -861,3 +861,47 @@ fn read_vmfs_sparse_cowd_extent() {
         )
     );
 }
+
+#[test]
+fn resize_grows_sparse_and_flat() {
+    require_qemu!();
+    for (opts, steps) in [
+        ("", &[100 * MIB, 5 << 30][..]), // the second step moves both directories
+        ("subformat=monolithicFlat", &[3 * MIB][..]),
+    ] {
+        let dir = tmpdir();
+        let img = p(dir.path(), "g.vmdk");
+        formats::create(&img, Format::Vmdk, &create_opts(&format!("size=1M,{opts}"))).unwrap();
+        let d = open_rw(&img);
+        d.write_at(&pattern(100 << 10, 8), 0).unwrap();
+        d.close().unwrap();
+        drop(d);
+        for &size in steps {
+            diskit::formats::vmdk::resize(&img, size).unwrap();
+            ok(qemu_img(dir.path(), &["check", "-f", "vmdk", &img]));
+            let info = json(&ok(qemu_img(dir.path(), &["info", "--output=json", &img])));
+            assert_eq!(info["virtual-size"], size, "{opts}");
+            let d = open_rw(&img);
+            assert_eq!(d.virtual_size(), size);
+            d.write_at(&[0xeeu8; 4096], size - 4096).unwrap();
+            d.close().unwrap();
+            drop(d);
+            let out = ok(qemu_io(
+                dir.path(),
+                "vmdk",
+                &img,
+                &[
+                    &format!("read -P 0xee {} 4096", size - 4096),
+                    "read -v 0 16",
+                ],
+            ));
+            let first: Vec<String> = pattern(16, 8).iter().map(|b| format!("{b:02x}")).collect();
+            assert!(stdout(&out).contains(&first.join(" ")), "{}", stdout(&out));
+            assert!(!stdout(&out).contains("Pattern verification failed"));
+        }
+        assert!(
+            diskit::formats::vmdk::resize(&img, MIB).is_err(),
+            "shrinking is refused"
+        );
+    }
+}

@@ -712,6 +712,116 @@ impl VmdkDriver {
     }
 }
 
+/// The descriptor text with the first extent line's size and the geometry updated for
+/// `size` bytes.
+fn resized_descriptor(text: &str, size: u64) -> String {
+    let heads = text
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == "ddb.geometry.heads")
+                .then(|| v.trim().trim_matches('"').parse::<u64>().ok())?
+        })
+        .filter(|h| *h > 0)
+        .unwrap_or(16);
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut extent_done = false;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        if !extent_done && (t.starts_with("RW ") || t.starts_with("RDONLY ")) {
+            let mut parts = t.splitn(3, ' ');
+            let (a, _, rest) = (parts.next(), parts.next(), parts.next());
+            out.push_str(&format!(
+                "{} {} {}",
+                a.unwrap_or("RW"),
+                size / SECTOR,
+                rest.unwrap_or("\n")
+            ));
+            extent_done = true;
+        } else if t.starts_with("ddb.geometry.cylinders") {
+            out.push_str(&format!(
+                "ddb.geometry.cylinders = \"{}\"\n",
+                size / (63 * heads * SECTOR)
+            ));
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// Grows a monolithicSparse or monolithicFlat image to `new_size` bytes (rounded up to a
+/// sector). Shrinking and other subformats are refused. QEMU has no vmdk resize; images
+/// grown here read back in qemu-img with the new size.
+pub fn resize(filename: &str, new_size: u64) -> Result<()> {
+    let size = new_size
+        .checked_add(SECTOR - 1)
+        .map(|s| s / SECTOR * SECTOR)
+        .ok_or_else(|| Error::invalid_arg("Image size is too large"))?;
+    let mut o = formats::OpenOptions::read_write().with_format(Some(Format::Vmdk));
+    o.no_backing = true;
+    let img = formats::open(filename, &o)?;
+    let v = img
+        .as_any()
+        .downcast_ref::<VmdkDriver>()
+        .ok_or_else(|| Error::unsupported("not a vmdk image"))?;
+    if size < v.size {
+        return Err(Error::unsupported(format!(
+            "{filename}: shrinking a vmdk image is not supported"
+        )));
+    }
+    if size == v.size {
+        return Ok(());
+    }
+    let text = v
+        .desc_text
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let new_text = resized_descriptor(&text, size);
+    match (v.create_type.as_str(), &v.extents[..], &v.desc_loc) {
+        ("monolithicFlat", [e], DescLoc::File) if matches!(e.kind, ExtentKind::Flat { .. }) => {
+            let ExtentKind::Flat { file, offset } = &e.kind else {
+                unreachable!()
+            };
+            if file.len()? < offset + size {
+                file.set_len(offset + size)?;
+            }
+            v.main.write_at(new_text.as_bytes(), 0)?;
+            v.main.set_len(new_text.len() as u64)?;
+        }
+        ("monolithicSparse", [e], DescLoc::Embedded(off, room)) => {
+            let ExtentKind::Sparse(s) = &e.kind else {
+                return Err(Error::unsupported("unexpected extent kind"));
+            };
+            let Some(mut h) = s.header else {
+                return Err(Error::unsupported("unexpected extent kind"));
+            };
+            if new_text.len() as u64 > *room {
+                return Err(Error::unsupported(format!(
+                    "{filename}: descriptor would not fit"
+                )));
+            }
+            let (gd, rgd) = s.grow(size)?;
+            h.capacity = size / SECTOR;
+            h.gd_offset = gd / SECTOR;
+            if let Some(r) = rgd {
+                h.rgd_offset = r / SECTOR;
+            }
+            v.main.write_at(&h.to_bytes(), 0)?;
+            let mut b = new_text.into_bytes();
+            b.resize(*room as usize, 0);
+            v.main.write_at(&b, *off)?;
+        }
+        (ct, _, _) => {
+            return Err(Error::unsupported(format!(
+                "{filename}: resizing vmdk images of type {ct} is not supported"
+            )))
+        }
+    }
+    img.flush()
+}
+
 impl BlockDriver for VmdkDriver {
     fn format(&self) -> Format {
         Format::Vmdk

@@ -460,6 +460,79 @@ impl SparseExtent {
         Ok(sector as u32)
     }
 
+    /// Reserves `bytes` (rounded up to sectors) at the end of the file, zero-filled; the next
+    /// grain goes to the following grain boundary.
+    fn alloc_region(&self, st: &mut State, bytes: u64) -> Result<u64> {
+        let sectors = bytes.div_ceil(SECTOR);
+        let sector = st.next_sector;
+        if sector + sectors > u32::MAX as u64 {
+            return Err(Error::too_large(format!(
+                "{}: the extent is full",
+                self.name
+            )));
+        }
+        self.file
+            .write_at(&vec![0u8; (sectors * SECTOR) as usize], sector * SECTOR)?;
+        let gs = self.grain / SECTOR;
+        st.next_sector = (sector + sectors).div_ceil(gs) * gs;
+        st.file_len = st.file_len.max((sector + sectors) * SECTOR);
+        Ok(sector)
+    }
+
+    /// Grows the extent's tables to cover `new_capacity` bytes: new grain tables are
+    /// preallocated for both directories, and a directory that outgrows its sectors moves
+    /// to the end of the file. Returns the byte offsets of the directories to record in
+    /// the header. (The header itself is the caller's.)
+    pub fn grow(&self, new_capacity: u64) -> Result<(u64, Option<u64>)> {
+        let mut st = self.lock();
+        let new_n = new_capacity.div_ceil(self.grain).div_ceil(self.gtes as u64) as usize;
+        let old_n = st.gd.len();
+        if new_n > 32 * 1024 * 1024 {
+            return Err(Error::too_large(format!("{}: L1 size too big", self.name)));
+        }
+        if new_n <= old_n {
+            return Ok((self.gd_offset, self.rgd_offset));
+        }
+        let room = (old_n * 4).div_ceil(SECTOR as usize) * SECTOR as usize / 4;
+        let gt_len = gt_bytes(self.gtes).div_ceil(SECTOR) * SECTOR;
+        let mut gd_off = self.gd_offset;
+        let mut rgd_off = self.rgd_offset;
+        let dirs = if rgd_off.is_some() && st.rgd.is_some() {
+            2
+        } else {
+            1
+        };
+        for d in 0..dirs {
+            let add = (new_n - old_n) as u64;
+            let first = self.alloc_region(&mut st, add * gt_len)?;
+            let table = if d == 0 {
+                &mut st.gd
+            } else {
+                st.rgd.as_mut().unwrap()
+            };
+            table.extend((0..add).map(|i| (first + i * gt_len / SECTOR) as u32));
+            if new_n > room {
+                let at = self.alloc_region(&mut st, new_n as u64 * 4)? * SECTOR;
+                if d == 0 {
+                    gd_off = at;
+                } else {
+                    rgd_off = Some(at);
+                }
+            }
+            let (table, at) = if d == 0 {
+                (&st.gd, gd_off)
+            } else {
+                (st.rgd.as_ref().unwrap(), rgd_off.unwrap_or(0))
+            };
+            let bytes = encode_table(
+                table,
+                (new_n * 4).div_ceil(SECTOR as usize) * SECTOR as usize,
+            );
+            self.file.write_at(&bytes, at)?;
+        }
+        Ok((gd_off, rgd_off))
+    }
+
     /// Sets the grain table entry of the grain holding `rel` in both directories, creating a
     /// grain table where the directory has none.
     pub fn set_gte(&self, st: &mut State, rel: u64, value: u32) -> Result<()> {
