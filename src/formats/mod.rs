@@ -611,6 +611,27 @@ pub fn create(filename: &str, format: Format, opts: &CreateOpts) -> Result<()> {
     }
 }
 
+/// Resizes an open image and closes it. VMDK grows by rewriting its descriptor and grain
+/// directory, which it does on a fresh open of its own.
+pub fn resize_image(
+    img: Box<dyn BlockDriver>,
+    new_size: u64,
+    prealloc: Option<&str>,
+) -> Result<()> {
+    if img.format() == Format::Vmdk {
+        if prealloc.is_some_and(|p| p != "off") {
+            return Err(Error::unsupported(
+                "Preallocation is not supported for vmdk images",
+            ));
+        }
+        let name = img.filename().to_string();
+        drop(img);
+        return vmdk::resize(&name, new_size);
+    }
+    img.resize(new_size, prealloc)?;
+    img.close()
+}
+
 /// The `-o` options a format accepts when creating, in the order `-o help` lists them.
 pub fn create_options(format: Format) -> &'static [OptDesc] {
     match format {

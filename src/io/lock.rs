@@ -125,21 +125,35 @@ pub fn lock_spec(file: &File, spec: LockSpec, display: &str) -> Result<()> {
             return Ok(());
         }
     }
-    let locked = |what: String| {
-        Error::new(
+    // A conflicting lock can be held for an instant by a child process that a
+    // multi-threaded program is forking (the child shares our open file descriptions
+    // until it execs): look again a few times before calling it a conflict.
+    for _ in 0..10 {
+        if first_conflict(file, held, unshared).is_none() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    match first_conflict(file, held, unshared) {
+        None => Ok(()),
+        Some(what) => Err(Error::new(
             ErrorKind::Locked,
             format!("Failed to get {what} lock\nIs another process using the image [{display}]?"),
-        )
-    };
+        )),
+    }
+}
+
+/// The first conflicting permission, worded as in QEMU's message.
+fn first_conflict(file: &File, held: u32, unshared: u32) -> Option<String> {
     for (bit, name) in PERM_NAMES.iter().enumerate() {
         if held & (1 << bit) != 0 && is_locked_by_other(file, SHARED_BASE + bit as i64) {
-            return Err(locked(format!("\"{name}\"")));
+            return Some(format!("\"{name}\""));
         }
     }
     for (bit, name) in PERM_NAMES.iter().enumerate() {
         if unshared & (1 << bit) != 0 && is_locked_by_other(file, PERM_BASE + bit as i64) {
-            return Err(locked(format!("shared \"{name}\"")));
+            return Some(format!("shared \"{name}\""));
         }
     }
-    Ok(())
+    None
 }

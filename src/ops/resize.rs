@@ -60,7 +60,6 @@ pub fn resize(filename: &str, change: SizeChange, opts: &ResizeOptions) -> Resul
             "Use the --shrink option to perform a shrink operation.",
         ));
     }
-    img.resize(new, prealloc)?;
-    img.close()?;
+    formats::resize_image(img, new, prealloc)?;
     Ok(new)
 }

@@ -670,6 +670,8 @@ impl BlockDriver for VdiDriver {
         let m = match k {
             Kind::Data(h) => Mapping::Data { host_offset: h },
             Kind::Zero => Mapping::Zero { explicit: true },
+            // Without a parent, qemu reports unallocated blocks as zero and present.
+            Kind::Free if self.backing().is_none() => Mapping::Zero { explicit: false },
             Kind::Free => Mapping::Unallocated,
         };
         Ok((m, len))
@@ -759,6 +761,40 @@ impl BlockDriver for VdiDriver {
         info.children
             .push(("file".to_string(), ImageInfo::file_node(&self.file)?));
         Ok(info)
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Option<&str>) -> Result<()> {
+        if prealloc.is_some_and(|p| p != "off") {
+            return Err(Error::unsupported(
+                "Preallocation is not supported for vdi images",
+            ));
+        }
+        // The caller has the user's consent for shrinking (--shrink).
+        VdiDriver::resize(self, new_size, true)
+    }
+
+    fn check(
+        &self,
+        repair: Option<crate::formats::RepairMode>,
+    ) -> Result<crate::formats::CheckReport> {
+        let r = VdiDriver::check(self, repair.is_some())?;
+        Ok(crate::formats::CheckReport {
+            check_errors: r.check_errors,
+            corruptions: r.corruptions,
+            corruptions_fixed: r.corruptions_fixed,
+            findings: r
+                .messages
+                .iter()
+                .map(|m| crate::formats::Finding {
+                    kind: "block-map".to_string(),
+                    cluster: None,
+                    offset: None,
+                    message: m.clone(),
+                    repaired: repair.is_some(),
+                })
+                .collect(),
+            ..Default::default()
+        })
     }
 
     fn as_any(&self) -> &dyn Any {
