@@ -223,7 +223,8 @@ impl ImageInfo {
 
     /// The protocol-layer node (`"format": "file"`) of a host file.
     pub fn file_node(file: &HostFile) -> Result<ImageInfo> {
-        let len = file.len()?;
+        // qemu reports the protocol node's length in whole sectors
+        let len = file.len()?.div_ceil(512) * 512;
         Ok(ImageInfo {
             filename: file.display().to_string(),
             format: "file".to_string(),
