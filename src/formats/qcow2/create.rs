@@ -485,7 +485,8 @@ pub fn create_with(filename: &str, p: &Qcow2CreateParams) -> Result<()> {
         unknown_fields: Vec::new(),
         backing_format: p.backing_file.as_ref().and(p.backing_fmt.clone()),
         data_file: p.data_file.clone(),
-        feature_names: if p.version >= 3 {
+        // qemu leaves the feature name table out of images with clusters of 4k or less
+        feature_names: if p.version >= 3 && cs > 4096 {
             Header::default_feature_names()
         } else {
             Vec::new()
@@ -508,9 +509,8 @@ pub fn create_with(filename: &str, p: &Qcow2CreateParams) -> Result<()> {
     }
     file.write_at(&rb, 2 * cs)?;
     file.sync()?;
-    drop(file);
 
-    // Open it and give it its size.
+    // Open it (on the same file description: no second lock) and give it its size.
     let ctx = OpenCtx {
         opts: OpenOptions {
             write: true,
@@ -521,15 +521,10 @@ pub fn create_with(filename: &str, p: &Qcow2CreateParams) -> Result<()> {
         chain: Vec::new(),
         probed: false,
     };
-    let file = HostFile::open(filename, &ctx.opts.host())?;
     let q = Qcow2::open(file, filename, &ctx).map_err(|e| e.context(filename))?;
     q.set_size_new(p.size)?;
-    q.close()?;
-    drop(q);
-    let file = HostFile::open(filename, &ctx.opts.host())?;
-    let q = Qcow2::open(file, filename, &ctx).map_err(|e| e.context(filename))?;
     if p.prealloc != Prealloc::Off {
-        q.preallocate(p.prealloc)?;
+        q.preallocate(p.prealloc, p.size)?;
     }
     if let (Some(_), Some(df)) = (&p.data_file, &q.data_file) {
         let cur = df.len()?;
@@ -621,10 +616,10 @@ impl Qcow2 {
 
     /// Allocates L2 tables and data clusters for the whole guest (the data in one
     /// contiguous run, like qemu).
-    fn preallocate(&self, mode: Prealloc) -> Result<()> {
+    fn preallocate(&self, mode: Prealloc, size: u64) -> Result<()> {
         let mut m = self.meta.lock().unwrap();
         self.start_write(&mut m)?;
-        let clusters = self.size.div_ceil(self.cs);
+        let clusters = size.div_ceil(self.cs);
         if clusters == 0 {
             return Ok(());
         }

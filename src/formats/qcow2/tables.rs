@@ -335,19 +335,13 @@ impl Qcow2 {
         let data = if old == 0 {
             vec![0u8; self.cs as usize]
         } else {
-            // Copy a table shared with a snapshot: every cluster it references gains a
-            // reference.
+            // Copy a table shared with a snapshot. Data cluster refcounts count the L1
+            // tables that reach them, so they do not change.
             if m.l2.get(old).is_none() {
                 self.check_table_offset("L2 table", old)?;
                 self.l2_load(m, old)?;
             }
-            let mut data = m.l2.get(old).unwrap().data.clone();
-            let step = if self.ext_l2 { 2 } else { 1 };
-            for i in 0..self.l2_entries as usize {
-                let w = get_be64(&data, i * step);
-                self.add_entry_refs(m, w)?;
-                put_be64(&mut data, i * step, w & !OFLAG_COPIED);
-            }
+            let data = m.l2.get(old).unwrap().data.clone();
             m.pending_free.push(old >> self.cluster_bits);
             data
         };
@@ -378,15 +372,6 @@ impl Qcow2 {
         } else {
             Some((h >> self.cluster_bits, 1))
         }
-    }
-
-    fn add_entry_refs(&self, m: &mut Meta, w: u64) -> Result<()> {
-        if let Some((first, n)) = self.entry_clusters(w) {
-            for c in first..first + n {
-                self.update_refcount(m, c, 1)?;
-            }
-        }
-        Ok(())
     }
 
     /// Drops the references an L2 word holds (at the next flush).
@@ -793,6 +778,7 @@ impl Qcow2 {
             m.incompat &= !header::INCOMPAT_DIRTY;
             self.file.write_at(&m.incompat.to_be_bytes(), 72)?;
             self.file.sync()?;
+            m.write_started = false;
         }
         Ok(())
     }
