@@ -567,3 +567,146 @@ fn crash_consistency() {
         }
     }
 }
+
+#[test]
+fn data_file_writes() {
+    require_qemu!();
+    let _g = serial();
+    let d = tmpdir();
+    let dir = d.path();
+    for (name, o) in [
+        ("df.qcow2", "data_file=df.data"),
+        ("dfr.qcow2", "data_file=dfr.data,data_file_raw=on"),
+        ("dfx.qcow2", "data_file=dfx.data,extended_l2=on"),
+    ] {
+        ok(qemu_img(
+            dir,
+            &["create", "-q", "-f", "qcow2", "-o", o, name, "1M"],
+        ));
+        let p = dir.join(name);
+        let mut model = vec![0u8; 1 << 20];
+        {
+            let img = open_rw(&p);
+            let a = pattern(100_000, 1);
+            img.write_at(&a, 3000).unwrap();
+            model[3000..103_000].copy_from_slice(&a);
+            img.write_zeroes(65536, 65536, true).unwrap();
+            model[65536..131_072].fill(0);
+            img.discard(0, 65536).unwrap();
+            model[..65536].fill(0);
+            assert!(img.write_compressed(&[1u8; 65536], 196_608).is_err());
+            img.close().unwrap();
+        }
+        let chk = qemu_img(dir, &["check", name]);
+        assert!(chk.status.success(), "{name}: {}", stdout(&chk));
+        assert_eq!(qemu_raw(dir, name, None), model, "{name}");
+        if name == "dfr.qcow2" {
+            // the data file stays a valid raw image
+            let raw = std::fs::read(dir.join("dfr.data")).unwrap();
+            assert_eq!(&raw[..model.len()], &model[..]);
+        }
+    }
+}
+
+#[test]
+fn bitmaps_and_autoclear_on_write() {
+    require_qemu!();
+    let _g = serial();
+    let d = tmpdir();
+    let dir = d.path();
+    ok(qemu_img(
+        dir,
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
+    ));
+    ok(qemu_img(dir, &["bitmap", "--add", "b.qcow2", "bm"]));
+    let p = dir.join("b.qcow2");
+    // set an unknown autoclear bit next to the bitmaps bit
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 88).unwrap();
+        let v = u64::from_be_bytes(b) | 1 << 20;
+        f.write_all_at(&v.to_be_bytes(), 88).unwrap();
+    }
+    {
+        let img = open_rw(&p);
+        img.write_at(&[7u8; 4096], 0).unwrap();
+        img.close().unwrap();
+    }
+    let raw = std::fs::read(&p).unwrap();
+    let autoclear = u64::from_be_bytes(raw[88..96].try_into().unwrap());
+    assert_eq!(
+        autoclear, 1,
+        "unknown autoclear bit cleared, bitmaps bit kept"
+    );
+    let info = json(&ok(qemu_img(dir, &["info", "--output=json", "b.qcow2"])));
+    let flags = &info["format-specific"]["data"]["bitmaps"][0]["flags"];
+    assert!(
+        flags.as_array().unwrap().iter().any(|f| f == "in-use"),
+        "{flags}"
+    );
+}
+
+#[test]
+fn compressed_clusters_share_host_clusters() {
+    require_qemu!();
+    let _g = serial();
+    let d = tmpdir();
+    let p = d.path().join("z.qcow2");
+    qcow2::create(p.to_str().unwrap(), &CreateOpts::parse("size=4M").unwrap()).unwrap();
+    let mut model = vec![0u8; 4 << 20];
+    {
+        let img = open_rw(&p);
+        for c in 0..64u64 {
+            let block = pattern(300, c);
+            let dd: Vec<u8> = block.iter().cycle().take(65536).copied().collect();
+            img.write_compressed(&dd, c * 65536).unwrap();
+            model[(c * 65536) as usize..((c + 1) * 65536) as usize].copy_from_slice(&dd);
+        }
+        img.close().unwrap();
+    }
+    let chk = qemu_img(d.path(), &["check", "z.qcow2"]);
+    assert!(chk.status.success(), "{}", stdout(&chk));
+    assert_eq!(qemu_raw(d.path(), "z.qcow2", None), model);
+    // 64 clusters of 300-byte-periodic data pack into far fewer host clusters
+    let len = std::fs::metadata(&p).unwrap().len();
+    assert!(len < 20 * 65536, "file is {len} bytes");
+}
+
+#[test]
+fn inconsistency_marks_image_corrupt() {
+    require_qemu!();
+    let _g = serial();
+    let d = tmpdir();
+    let dir = d.path();
+    ok(qemu_img(
+        dir,
+        &["create", "-q", "-f", "qcow2", "k.qcow2", "1M"],
+    ));
+    ok(qemu_io(dir, "qcow2", "k.qcow2", &["write 0 64k"]));
+    let p = dir.join("k.qcow2");
+    // zero the refcount block entry of the data cluster (host cluster 4, after the L2 table)
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0, 0], 0x20000 + 2 * 5).unwrap();
+    }
+    {
+        let img = open_rw(&p);
+        // overwriting the cluster frees it: its refcount would drop below zero
+        img.write_zeroes(0, 65536, true).unwrap();
+        assert!(img.flush().is_err());
+    }
+    let raw = std::fs::read(&p).unwrap();
+    let incompat = u64::from_be_bytes(raw[72..80].try_into().unwrap());
+    assert_eq!(incompat & 2, 2, "corrupt bit set");
+    let e = diskit::open(p.to_str().unwrap(), &OpenOptions::read_write())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("corrupt"), "{e}");
+}
