@@ -16,9 +16,7 @@ pub fn have_qemu() -> bool {
         if std::env::var("DISKIT_REQUIRE_QEMU").as_deref() == Ok("1") {
             panic!("qemu-img is required (DISKIT_REQUIRE_QEMU=1) but not installed");
         }
-        eprintln!(
-            "\n*** SKIPPING: qemu-img not found; install qemu-utils to run interop tests ***\n"
-        );
+        eprintln!("\n*** SKIPPING: qemu-img not found; install qemu-utils to run interop tests ***\n");
     }
     ok
 }
