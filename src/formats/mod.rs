@@ -104,6 +104,17 @@ pub trait BlockDriver: Send + Sync {
     /// Where the guest range starting at `offset` lives, for as long as it stays the same
     /// kind: returns the mapping and its length (at least 1, at most `max_len`).
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)>;
+    /// For a `Data` run at `host_offset`, what the host file says where QEMU would ask it
+    /// (qcow2 with preallocated metadata): `Some((reads_as_zero, length))`, else `None`.
+    fn host_zero_status(&self, _host_offset: u64, _len: u64) -> Result<Option<(bool, u64)>> {
+        Ok(None)
+    }
+    /// For `Zero`/`Unallocated` runs: the host offset reserved for `offset` where there is
+    /// one (a preallocated qcow2 zero cluster, an unallocated subcluster of an allocated
+    /// cluster), which `qemu-img map` prints.
+    fn reserved_host_offset(&self, _offset: u64) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Reads the guest view: holes read as zero, backing resolved.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes guest data.

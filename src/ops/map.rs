@@ -57,6 +57,10 @@ pub fn block_status(img: &dyn BlockDriver, offset: u64, max_len: u64) -> Result<
         match m {
             Mapping::Data { host_offset } => {
                 e.data = true;
+                if let Some((zero, n)) = layer.host_zero_status(host_offset, len)? {
+                    e.zero = zero;
+                    e.length = n.clamp(1, len);
+                }
                 e.offset = Some(host_offset);
                 e.filename = Some(layer.filename().to_string());
                 return Ok(e);
@@ -71,6 +75,9 @@ pub fn block_status(img: &dyn BlockDriver, offset: u64, max_len: u64) -> Result<
                 if raw {
                     e.offset = Some(offset);
                     e.filename = Some(layer.filename().to_string());
+                } else if let Some(h) = layer.reserved_host_offset(offset)? {
+                    e.offset = Some(h);
+                    e.filename = Some(layer.filename().to_string());
                 }
                 return Ok(e);
             }
@@ -83,6 +90,10 @@ pub fn block_status(img: &dyn BlockDriver, offset: u64, max_len: u64) -> Result<
                 _ => {
                     e.present = false;
                     e.zero = true;
+                    if let Some(h) = layer.reserved_host_offset(offset)? {
+                        e.offset = Some(h);
+                        e.filename = Some(layer.filename().to_string());
+                    }
                     return Ok(e);
                 }
             },

@@ -10,6 +10,7 @@
 pub mod compress;
 pub mod create;
 pub mod header;
+mod status;
 mod tables;
 mod write;
 
@@ -74,6 +75,8 @@ pub struct Qcow2 {
     pub(crate) meta: Mutex<Meta>,
     /// The last decompressed cluster: (L2 word, data).
     ccache: Mutex<Option<(u64, Vec<u8>)>>,
+    /// Does the image look metadata-preallocated (see `status.rs`)? Decided on first use.
+    pub(crate) prealloc_meta: std::sync::OnceLock<bool>,
     pub(crate) writable: bool,
     pub(crate) has_data_file: bool,
     pub(crate) data_file_name: Option<String>,
@@ -168,6 +171,7 @@ impl Qcow2 {
             bitmaps,
             meta: Mutex::new(meta),
             ccache: Mutex::new(None),
+            prealloc_meta: std::sync::OnceLock::new(),
             writable,
             has_data_file,
         };
@@ -280,6 +284,30 @@ impl Qcow2 {
         }
     }
 
+    /// The host offset behind byte `in_cl` of a cluster with L2 word `w`, where the cluster
+    /// has one (allocated, not compressed): what QEMU reports as the offset of preallocated
+    /// zero clusters and unallocated subclusters.
+    pub(crate) fn alloc_host(&self, w: u64, in_cl: u64) -> Option<u64> {
+        if w & OFLAG_COMPRESSED != 0 {
+            return None;
+        }
+        let host = w & L2E_OFFSET_MASK;
+        (host != 0).then_some(host + in_cl)
+    }
+
+    /// `alloc_host` for a guest offset.
+    fn alloc_host_at(&self, offset: u64) -> Result<Option<u64>> {
+        let mut m = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let gcl = offset >> self.cluster_bits;
+        match self.l2_table_for_read(&mut m, gcl / self.l2_entries)? {
+            None => Ok(None),
+            Some(l2_off) => {
+                let (w, _) = self.l2_get(&mut m, l2_off, gcl % self.l2_entries)?;
+                Ok(self.alloc_host(w, offset & (self.cs - 1)))
+            }
+        }
+    }
+
     pub(crate) fn corrupt_err(&self, msg: String) -> Error {
         Error::corrupt(format!("{}: {}", self.filename, msg))
     }
@@ -296,10 +324,14 @@ impl Qcow2 {
         let end = offset + len;
         let mut pos = offset;
         let mut cur: Option<(Kind, u64)> = None;
+        // Host offset behind the current zero/unallocated run (preallocated clusters), so that
+        // runs with and without one are not merged.
+        let mut cur_host: Option<u64> = None;
         let l2_span = self.l2_entries * self.cs;
         while pos < end {
             let gcl = pos >> self.cluster_bits;
             let l1_idx = gcl / self.l2_entries;
+            let mut host_here: Option<u64> = None;
             let (kind, n) = match self.l2_table_for_read(m, l1_idx)? {
                 None => {
                     let span_end = ((l1_idx + 1) * l2_span).min(end);
@@ -310,6 +342,7 @@ impl Qcow2 {
                     let in_cl = pos & (self.cs - 1);
                     let sub = in_cl / self.sc;
                     let k = self.classify(w, bm, sub, gcl)?;
+                    host_here = self.alloc_host(w, in_cl);
                     let unit_end = if matches!(k, Kind::Compressed(_)) {
                         self.cs
                     } else {
@@ -324,11 +357,19 @@ impl Qcow2 {
                 }
             };
             cur = match cur {
-                None => Some((kind, n)),
+                None => {
+                    cur_host = host_here;
+                    Some((kind, n))
+                }
                 Some((ck, cn)) => {
+                    let same_host = match (cur_host, host_here) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => a + cn == b,
+                        _ => false,
+                    };
                     let merged = match (ck, kind) {
                         (Kind::Data(a), Kind::Data(b)) => a + cn == b,
-                        (Kind::Zero, Kind::Zero) | (Kind::Unalloc, Kind::Unalloc) => true,
+                        (Kind::Zero, Kind::Zero) | (Kind::Unalloc, Kind::Unalloc) => same_host,
                         _ => false,
                     };
                     if merged {
@@ -337,6 +378,7 @@ impl Qcow2 {
                         if !f(ck, cn) {
                             return Ok(());
                         }
+                        cur_host = host_here;
                         Some((kind, n))
                     }
                 }
@@ -540,6 +582,14 @@ impl BlockDriver for Qcow2 {
             Kind::Unalloc => Mapping::Unallocated,
         };
         Ok((mapping, n))
+    }
+
+    fn host_zero_status(&self, host_offset: u64, len: u64) -> Result<Option<(bool, u64)>> {
+        self.host_status(host_offset, len)
+    }
+
+    fn reserved_host_offset(&self, offset: u64) -> Result<Option<u64>> {
+        self.alloc_host_at(offset)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

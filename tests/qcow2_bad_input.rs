@@ -21,7 +21,12 @@ fn be64(path: &Path, offset: u64) -> u64 {
 /// A small image with data in two clusters.
 fn good(d: &Path, name: &str) -> std::path::PathBuf {
     ok(qemu_img(d, &["create", "-q", "-f", "qcow2", name, "16M"]));
-    ok(qemu_io(d, "qcow2", name, &["write -P 1 0 128k", "write -c -P 2 1M 64k"]));
+    ok(qemu_io(
+        d,
+        "qcow2",
+        name,
+        &["write -P 1 0 128k", "write -c -P 2 1M 64k"],
+    ));
     d.join(name)
 }
 
@@ -35,7 +40,10 @@ fn assert_rejected(d: &Path, name: &str, what: &str) {
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-        assert!(err.contains(name), "{args:?}: error does not name the file: {err}");
+        assert!(
+            err.contains(name),
+            "{args:?}: error does not name the file: {err}"
+        );
         assert!(
             err.to_lowercase().contains(&what.to_lowercase()),
             "{args:?}: error does not say '{what}': {err}"
@@ -128,8 +136,18 @@ fn backing_loop() {
     require_qemu!();
     let dir = tmpdir();
     let d = dir.path();
-    ok(qemu_img(d, &["create", "-q", "-f", "qcow2", "-u", "-b", "l2.qcow2", "-F", "qcow2", "l1.qcow2", "1M"]));
-    ok(qemu_img(d, &["create", "-q", "-f", "qcow2", "-u", "-b", "l1.qcow2", "-F", "qcow2", "l2.qcow2", "1M"]));
+    ok(qemu_img(
+        d,
+        &[
+            "create", "-q", "-f", "qcow2", "-u", "-b", "l2.qcow2", "-F", "qcow2", "l1.qcow2", "1M",
+        ],
+    ));
+    ok(qemu_img(
+        d,
+        &[
+            "create", "-q", "-f", "qcow2", "-u", "-b", "l1.qcow2", "-F", "qcow2", "l2.qcow2", "1M",
+        ],
+    ));
     same_as_qemu(d, &["info", "--backing-chain", "l1.qcow2"]);
     let out = diskit(d, &["convert", "-O", "raw", "l1.qcow2", "o.raw"]);
     assert_eq!(out.status.code(), Some(1));
