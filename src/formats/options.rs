@@ -49,6 +49,7 @@ impl OptDesc {
 #[derive(Debug, Clone, Default)]
 pub struct CreateOpts {
     values: Vec<(String, String)>,
+    unsafe_backing: bool,
 }
 
 impl CreateOpts {
@@ -104,6 +105,16 @@ impl CreateOpts {
     /// All options in the order given.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// `create -u`: do not open the backing file (the size is given).
+    pub fn set_unsafe_backing(&mut self, v: bool) {
+        self.unsafe_backing = v;
+    }
+
+    /// Was `-u` given?
+    pub fn unsafe_backing(&self) -> bool {
+        self.unsafe_backing
     }
 
     /// Does the user ask for help (`-o help` or `-o ?`)?

@@ -247,7 +247,9 @@ fn type_check(opts: &CreateOpts, filename: &str) -> Result<()> {
 pub fn resolve_create_opts(filename: &str, opts: &CreateOpts) -> Result<CreateOpts> {
     type_check(opts, filename)?;
     let mut out = opts.clone();
-    if let Some(b) = opts.get("backing_file") {
+    let skip =
+        opts.unsafe_backing() && opts.get("size").is_some() && opts.get("backing_fmt").is_some();
+    if let (Some(b), false) = (opts.get("backing_file"), skip) {
         let full = crate::formats::resolve_backing_name(filename, b);
         let fmt = opts.get("backing_fmt");
         let format = match fmt {
