@@ -34,6 +34,7 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "dd" => dd(rest),
         "resize" => resize(rest),
         "compare" => compare(rest),
+        "snapshot" => super::qverbs::snapshot(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)

@@ -7,9 +7,12 @@
 //! - `compress`: deflate/zstd cluster codecs;
 //! - `create`: `qemu-img create` options and image creation.
 
+mod bitmap;
 pub mod compress;
 pub mod create;
 pub mod header;
+mod resize;
+pub mod snapshot;
 mod tables;
 mod write;
 
@@ -588,6 +591,10 @@ impl BlockDriver for Qcow2 {
 
     fn backing(&self) -> Option<&dyn BlockDriver> {
         self.backing.as_deref()
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Option<&str>) -> Result<()> {
+        self.resize_impl(new_size, prealloc)
     }
 
     fn info(&self) -> Result<ImageInfo> {
