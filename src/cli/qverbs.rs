@@ -38,11 +38,7 @@ const fn l(long: &'static str, arg: bool, key: &'static str) -> Opt {
 type Parsed = (Vec<(&'static str, String)>, Vec<String>);
 
 /// GNU getopt_long with argument permutation: returns the options in order and the operands.
-fn getopt(
-    verb: &'static str,
-    argv: &[String],
-    spec: &[Opt],
-) -> Result<Parsed, CliError> {
+fn getopt(verb: &'static str, argv: &[String], spec: &[Opt]) -> Result<Parsed, CliError> {
     let mut opts = Vec::new();
     let mut operands = Vec::new();
     let mut i = 0;
@@ -255,5 +251,81 @@ pub fn snapshot(argv: &[String]) -> VerbResult {
             let _ = writeln!(out, "{}", human::snapshot_line(sn));
         }
     }
+    Ok(0)
+}
+
+fn print_amend_help(fmt: Format) -> VerbResult {
+    if !ops::amend::supported(fmt) {
+        return Err(CliError::Msg(format!(
+            "Format driver '{fmt}' does not support option amendment"
+        )));
+    }
+    println!("Amend options for '{fmt}':");
+    for d in crate::formats::qcow2::amend::AMEND_OPTS {
+        println!("{}", d.help_line());
+    }
+    Ok(0)
+}
+
+/// `amend [--object OBJDEF] [--image-opts] [-p] [-q] [-f FMT] [-t CACHE] [--force] -o OPTIONS FILENAME`
+pub fn amend(argv: &[String]) -> VerbResult {
+    let spec = [
+        o('h', "help", false, "h"),
+        o('o', "", true, "o"),
+        o('f', "", true, "f"),
+        o('t', "", true, "t"),
+        o('p', "", false, "p"),
+        o('q', "", false, "q"),
+        l("object", true, "object"),
+        l("image-opts", false, "image-opts"),
+        l("force", false, "force"),
+    ];
+    let (opts, files) = getopt("amend", argv, &spec)?;
+    let mut options: Option<crate::formats::CreateOpts> = None;
+    let mut format = None;
+    let mut force = false;
+    for (k, v) in opts {
+        match k {
+            "h" => {
+                println!("Usage: {} amend [--object OBJDEF] [--image-opts] [-p] [-q] [-f FMT] [-t CACHE] [--force] -o OPTIONS FILENAME", prog());
+                return Ok(0);
+            }
+            "o" => {
+                let o = options.get_or_insert_with(crate::formats::CreateOpts::new);
+                o.merge(&v).map_err(CliError::Lib)?;
+            }
+            "f" => format = Some(v),
+            "force" => force = true,
+            _ => {}
+        }
+    }
+    let Some(options) = options else {
+        return Err(CliError::Usage("Must specify options (-o)".into(), "amend"));
+    };
+    if let (Some(f), true) = (&format, options.wants_help()) {
+        let fmt = Format::from_name(f)
+            .map_err(|_| CliError::Msg(format!("Unknown file format '{f}'")))?;
+        return print_amend_help(fmt);
+    }
+    if files.len() != 1 {
+        return Err(CliError::Msg("Expecting one image file name".into()));
+    }
+    let file = &files[0];
+    let format = format_arg(format.as_deref(), file)?;
+    if options.wants_help() {
+        let img = crate::formats::open(
+            file,
+            &crate::formats::OpenOptions {
+                format,
+                write: true,
+                ..Default::default()
+            },
+        )?;
+        let fmt = img.format();
+        drop(img);
+        return print_amend_help(fmt);
+    }
+    let o = ops::amend::AmendOptions { format, force };
+    ops::amend::amend(file, &options, &o)?;
     Ok(0)
 }

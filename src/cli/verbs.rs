@@ -35,6 +35,7 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "resize" => resize(rest),
         "compare" => compare(rest),
         "snapshot" => super::qverbs::snapshot(rest),
+        "amend" => super::qverbs::amend(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)

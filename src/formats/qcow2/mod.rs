@@ -7,6 +7,7 @@
 //! - `compress`: deflate/zstd cluster codecs;
 //! - `create`: `qemu-img create` options and image creation.
 
+pub mod amend;
 mod bitmap;
 pub mod compress;
 pub mod create;

@@ -312,7 +312,12 @@ impl Qcow2 {
     }
 
     /// Writes a new snapshot table, points the header at it and frees the old one.
-    fn write_table(&self, m: &mut Meta, list: &[SnapEntry], size: u64) -> Result<()> {
+    pub(crate) fn rewrite_snapshot_table(
+        &self,
+        m: &mut Meta,
+        list: &[SnapEntry],
+        size: u64,
+    ) -> Result<()> {
         let (_, old_len) = read_table_sized(self)?;
         let (_, old_off) = table_location(self)?;
         let raw = encode_table(list, size)?;
@@ -403,7 +408,7 @@ impl Qcow2 {
             icount: 0,
             unknown_extra: Vec::new(),
         });
-        self.write_table(&mut m, &list, size)?;
+        self.rewrite_snapshot_table(&mut m, &list, size)?;
         self.flush_meta(&mut m)
     }
 
@@ -492,7 +497,7 @@ impl Qcow2 {
         let mut m = self.meta.lock().unwrap();
         self.start_write(&mut m)?;
         self.flush_meta(&mut m)?;
-        self.write_table(&mut m, &list, size)?;
+        self.rewrite_snapshot_table(&mut m, &list, size)?;
         // From here on a failure only leaks clusters.
         let bytes = sn.l1_size as u64 * 8;
         let flen = self.file.len()?;
