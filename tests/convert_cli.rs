@@ -93,7 +93,12 @@ fn convert_flags_give_qemu_img_content_and_allocation() {
         assert_eq!(map(&q), map(&k), "allocation differs with {flags:?}");
     }
     // -p: qemu-img's progress lines (how many depends on timing; the first and last do not)
-    let out = ok(diskit(d, &["convert", "-p", "-f", "raw", "-O", "raw", "src.raw", "p.raw"]));
+    let out = ok(diskit(
+        d,
+        &[
+            "convert", "-p", "-f", "raw", "-O", "raw", "src.raw", "p.raw",
+        ],
+    ));
     let text = stdout(&out);
     assert!(text.starts_with("    (0.00/100%)\r"), "{text:?}");
     assert!(text.ends_with("    (100.00/100%)\r\n"), "{text:?}");

@@ -34,6 +34,8 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "dd" => dd(rest),
         "resize" => resize(rest),
         "compare" => compare(rest),
+        "snapshot" => super::qverbs::snapshot(rest),
+        "amend" => super::qverbs::amend(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)

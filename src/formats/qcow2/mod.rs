@@ -7,10 +7,14 @@
 //! - `compress`: deflate/zstd cluster codecs;
 //! - `create`: `qemu-img create` options and image creation.
 
+pub mod amend;
+mod bitmap;
 mod check;
 pub mod compress;
 pub mod create;
 pub mod header;
+mod resize;
+pub mod snapshot;
 mod status;
 mod tables;
 mod write;
@@ -666,6 +670,10 @@ impl BlockDriver for Qcow2 {
         repair: Option<crate::formats::RepairMode>,
     ) -> Result<crate::formats::CheckReport> {
         self.check_image(repair)
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Option<&str>) -> Result<()> {
+        self.resize_impl(new_size, prealloc)
     }
 
     fn info(&self) -> Result<ImageInfo> {

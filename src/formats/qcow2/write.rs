@@ -69,7 +69,13 @@ impl Qcow2 {
     }
 
     /// Writes `data` at `start` within guest cluster `gcl`.
-    fn write_cluster(&self, m: &mut Meta, gcl: u64, start: u64, data: &[u8]) -> Result<()> {
+    pub(crate) fn write_cluster(
+        &self,
+        m: &mut Meta,
+        gcl: u64,
+        start: u64,
+        data: &[u8],
+    ) -> Result<()> {
         let cs = self.cs;
         let l1_idx = gcl / self.l2_entries;
         let idx = gcl % self.l2_entries;
