@@ -404,6 +404,8 @@ pub struct OpenOptions {
     pub exclusive: bool,
     /// The size will change (resize): take QEMU's resize permission.
     pub resize: bool,
+    /// `cache=unsafe`: never flush to stable storage (qemu-img convert's default target).
+    pub no_flush: bool,
     /// Fault injection for tests.
     pub faults: Option<Arc<FaultInjector>>,
     /// Opened by `check` (qemu's `BDRV_O_CHECK`): a corrupt image may be opened for
@@ -437,6 +439,7 @@ impl OpenOptions {
             create: false,
             lock: LockMode::None,
             direct: self.direct,
+            no_flush: self.no_flush,
             faults: self.faults.clone(),
         }
     }

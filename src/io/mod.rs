@@ -29,6 +29,8 @@ pub struct HostOpenOptions {
     /// Keep the page cache out of it (`cache=none`). Done with fadvise(DONTNEED) after
     /// flushes rather than O_DIRECT, so that buffers need no alignment.
     pub direct: bool,
+    /// `cache=unsafe`: flushes are skipped (what qemu-img convert does to its target).
+    pub no_flush: bool,
     /// Optional fault injector (tests).
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -41,6 +43,7 @@ impl HostOpenOptions {
             create: false,
             lock: LockMode::Read,
             direct: false,
+            no_flush: false,
             faults: None,
         }
     }
@@ -69,6 +72,7 @@ pub struct HostFile {
     display: String,
     writable: bool,
     direct: bool,
+    no_flush: bool,
     faults: Option<Arc<FaultInjector>>,
 }
 
@@ -95,6 +99,7 @@ impl HostFile {
             display,
             writable: opts.write || opts.create,
             direct: opts.direct,
+            no_flush: opts.no_flush,
             faults: opts.faults.clone(),
         })
     }
@@ -224,6 +229,9 @@ impl HostFile {
 
     /// fdatasync: data and the metadata needed to read it.
     pub fn sync(&self) -> Result<()> {
+        if self.no_flush {
+            return Ok(());
+        }
         if let Some(f) = &self.faults {
             if !f.on_flush()? {
                 return Ok(());

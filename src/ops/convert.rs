@@ -46,6 +46,8 @@ pub struct ConvertOptions {
     pub src_direct: bool,
     /// `-t none`
     pub tgt_direct: bool,
+    /// Flush the target to stable storage (any `-t` but `unsafe`, qemu-img's default).
+    pub tgt_flush: bool,
 }
 
 impl ConvertOptions {
@@ -71,6 +73,7 @@ impl ConvertOptions {
             copy_range: false,
             src_direct: false,
             tgt_direct: false,
+            tgt_flush: false,
         }
     }
 }
@@ -183,6 +186,7 @@ pub fn convert(
             format: Some(target_format),
             write: true,
             direct: opts.tgt_direct,
+            no_flush: !opts.tgt_flush,
             no_backing: true,
             ..OpenOptions::default()
         },

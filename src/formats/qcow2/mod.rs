@@ -635,6 +635,15 @@ impl BlockDriver for Qcow2 {
         self.write_zeroes_impl(offset, len, unmap)
     }
 
+    fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<Option<Vec<u8>>> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.compress_blob(buf, offset).map(Some)
+    }
+
+    fn write_compressed_data(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.store_compressed_blob(data, offset)
+    }
+
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.write_compressed_impl(buf, offset)

@@ -603,6 +603,8 @@ impl Qcow2 {
     pub(crate) fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
         let rbe = self.rb_entries();
         let mut start = m.free_hint.max(1);
+        // The first free cluster the scan passes over (too short a run for `n`).
+        let mut first_free: Option<u64> = None;
         'outer: loop {
             if (start + n) << self.cluster_bits > header::MAX_CLUSTER_OFFSET {
                 return Err(Error::new(
@@ -617,6 +619,9 @@ impl Qcow2 {
                     self.ensure_refblock(m, r)?;
                 }
                 if self.refcount(m, c)? != 0 || self.is_reserved(m, c) {
+                    if i > 0 && first_free.is_none() {
+                        first_free = Some(start);
+                    }
                     start = c + 1;
                     continue 'outer;
                 }
@@ -626,9 +631,9 @@ impl Qcow2 {
         for i in 0..n {
             self.update_refcount(m, start + i, 1)?;
         }
-        if m.free_hint >= start.saturating_sub(0) && m.free_hint <= start {
-            m.free_hint = start + n;
-        }
+        // Everything from the old hint to `start` is taken, but for runs too short for
+        // this request: the next search starts at the first of those.
+        m.free_hint = first_free.unwrap_or(start + n);
         m.end = m.end.max(start + n);
         Ok(start << self.cluster_bits)
     }
