@@ -110,9 +110,6 @@ pub fn rebase(
         if name.is_some() && o.backing_format.is_none() {
             return Err(change_err(name, "backing format must be specified"));
         }
-        if name.is_none() && o.backing_format.is_some() {
-            return Err(change_err(o.backing.as_deref(), "Invalid argument"));
-        }
         if name.is_some_and(|n| n.len() > 1023) {
             return Err(change_err(name, "Invalid argument"));
         }
@@ -141,7 +138,13 @@ pub fn rebase(
                     },
                 )
                 .map_err(|e| {
-                    let msg = format!("Could not open new backing file '{n}': {}", e.message());
+                    // qemu names the file once here: "Could not open 'x': why".
+                    let twice = format!("Could not open '{real}': Could not open '{real}': ");
+                    let inner = match e.message().strip_prefix(twice.as_str()) {
+                        Some(why) => format!("Could not open '{real}': {why}"),
+                        None => e.message().to_string(),
+                    };
+                    let msg = format!("Could not open new backing file '{n}': {inner}");
                     e.with_message(msg)
                 })?;
                 new_owned = Some(b);
