@@ -8,6 +8,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::{self, BlockDriver, Format, Mapping, OpenOptions};
+use crate::io::is_zero;
 use crate::ops::commit::{find_in_chain, layers, AboveBase};
 
 /// What `rebase` takes.
@@ -47,12 +48,20 @@ impl Default for RebaseOptions {
 /// The unit of work: qemu-img's buffer size.
 const WINDOW: u64 = 2 << 20;
 
-/// A write prepared by a worker.
+/// A write prepared by a worker: ranges are offsets into its window's `old` buffer.
 enum Op {
-    Data(u64, Vec<u8>),
+    Data(u64, std::ops::Range<usize>),
     Zero(u64, u64),
-    Compressed(u64, Vec<u8>),
+    Compressed(u64, std::ops::Range<usize>),
     Prepared(u64, Vec<u8>),
+}
+
+/// The buffers of one window in flight (reused from batch to batch).
+#[derive(Default)]
+struct Slot {
+    old: Vec<u8>,
+    new: Vec<u8>,
+    ops: Vec<Op>,
 }
 
 struct Ctx<'a> {
@@ -261,31 +270,56 @@ fn read_clamped(b: Option<&dyn BlockDriver>, bsize: u64, buf: &mut [u8], off: u6
     Ok(())
 }
 
-/// Compares the old and new views over one window and returns the writes it needs.
-fn process_window(c: &Ctx, off: u64, end: u64) -> Result<Vec<Op>> {
-    let mut ops = Vec::new();
-    for (a, b) in candidates(c, off, end)? {
-        let n = (b - a) as usize;
-        let mut old = vec![0u8; n];
-        let mut new = vec![0u8; n];
-        read_clamped(c.old, c.old_size, &mut old, a).map_err(|e| {
+/// Compares the old and new views over the window `[off, end)` and leaves the writes it
+/// needs in `slot.ops` (their data in `slot.old`).
+fn process_window(c: &Ctx, off: u64, end: u64, slot: &mut Slot) -> Result<()> {
+    slot.ops.clear();
+    let cands = candidates(c, off, end)?;
+    let Some(&(_, last)) = cands.last() else {
+        return Ok(());
+    };
+    let span = (last - off) as usize;
+    if slot.old.len() < span {
+        slot.old.resize(span, 0);
+    }
+    if c.new.is_some() && slot.new.len() < span {
+        slot.new.resize(span, 0);
+    }
+    for (a, b) in cands {
+        let r = (a - off) as usize..(b - off) as usize;
+        let old = &mut slot.old[r.clone()];
+        read_clamped(c.old, c.old_size, old, a).map_err(|e| {
             let m = format!("error while reading from old backing file: {}", e.message());
             e.with_message(m)
         })?;
-        read_clamped(c.new, c.new_size, &mut new, a).map_err(|e| {
-            let m = format!("error while reading from new backing file: {}", e.message());
-            e.with_message(m)
-        })?;
+        let old = &slot.old[r.clone()];
+        let new: Option<&[u8]> = match c.new {
+            Some(_) => {
+                let nb = &mut slot.new[r.clone()];
+                read_clamped(c.new, c.new_size, nb, a).map_err(|e| {
+                    let m = format!("error while reading from new backing file: {}", e.message());
+                    e.with_message(m)
+                })?;
+                Some(&slot.new[r.clone()])
+            }
+            None => None,
+        };
+        // Without a new backing file, the new view reads as zero.
+        let differs = |x: usize, y: usize| match new {
+            Some(nb) => old[x..y] != nb[x..y],
+            None => !is_zero(&old[x..y]),
+        };
+        let n = r.end - r.start;
         let align = c.align as usize;
         let mut i = 0usize;
         while i < n {
             // Runs of chunks (aligned to the write alignment) with the same verdict.
             let first = align.min(n - i);
-            let differ = old[i..i + first] != new[i..i + first];
+            let differ = differs(i, i + first);
             let mut j = i + first;
             while j < n {
                 let len = align.min(n - j);
-                if (old[j..j + len] != new[j..j + len]) != differ {
+                if differs(j, j + len) != differ {
                     break;
                 }
                 j += len;
@@ -293,35 +327,35 @@ fn process_window(c: &Ctx, off: u64, end: u64) -> Result<Vec<Op>> {
             if differ {
                 let start = a + i as u64;
                 if start >= c.old_size {
-                    ops.push(Op::Zero(start, (j - i) as u64));
+                    slot.ops.push(Op::Zero(start, (j - i) as u64));
                 } else if c.compress {
                     let mut k = i;
                     while k < j {
                         let len = align.min(j - k);
                         let goff = a + k as u64;
-                        let part = &old[k..k + len];
-                        match c.img.compress_cluster(part, goff)? {
-                            Some(d) => ops.push(Op::Prepared(goff, d)),
-                            None => ops.push(Op::Compressed(goff, part.to_vec())),
+                        let br = r.start + k..r.start + k + len;
+                        match c.img.compress_cluster(&slot.old[br.clone()], goff)? {
+                            Some(d) => slot.ops.push(Op::Prepared(goff, d)),
+                            None => slot.ops.push(Op::Compressed(goff, br)),
                         }
                         k += len;
                     }
                 } else {
-                    ops.push(Op::Data(start, old[i..j].to_vec()));
+                    slot.ops.push(Op::Data(start, r.start + i..r.start + j));
                 }
             }
             i = j;
         }
     }
-    Ok(ops)
+    Ok(())
 }
 
-fn apply(img: &dyn BlockDriver, ops: Vec<Op>) -> Result<()> {
-    for op in ops {
+fn apply(img: &dyn BlockDriver, slot: &mut Slot) -> Result<()> {
+    for op in slot.ops.drain(..) {
         match op {
-            Op::Data(off, d) => img.write_at(&d, off),
+            Op::Data(off, r) => img.write_at(&slot.old[r], off),
             Op::Zero(off, len) => img.write_zeroes(off, len, false),
-            Op::Compressed(off, d) => img.write_compressed(&d, off),
+            Op::Compressed(off, r) => img.write_compressed(&slot.old[r], off),
             Op::Prepared(off, d) => img.write_compressed_data(&d, off),
         }
         .map_err(|e| {
@@ -343,30 +377,38 @@ fn copy_differences(
     if let Some(cb) = progress {
         cb(0, c.size);
     }
+    let batch_len = workers * 2;
+    let mut slots: Vec<Slot> = (0..batch_len).map(|_| Slot::default()).collect();
     // Batches of windows are compared in parallel and written in order.
-    for batch in windows.chunks(workers * 2) {
-        let results: Vec<Result<Vec<Op>>> = std::thread::scope(|s| {
-            let per = batch.len().div_ceil(workers);
+    for batch in windows.chunks(batch_len) {
+        let slots = &mut slots[..batch.len()];
+        let per = batch.len().div_ceil(workers);
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
             let handles: Vec<_> = batch
                 .chunks(per)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|&(a, b)| process_window(c, a, b))
-                            .collect::<Vec<_>>()
+                .zip(slots.chunks_mut(per))
+                .map(|(part, sl)| {
+                    s.spawn(move || -> Result<()> {
+                        for (&(a, b), slot) in part.iter().zip(sl.iter_mut()) {
+                            process_window(c, a, b, slot)?;
+                        }
+                        Ok(())
                     })
                 })
                 .collect();
             handles
                 .into_iter()
-                .flat_map(|h| {
+                .map(|h| {
                     h.join()
-                        .unwrap_or_else(|_| vec![Err(Error::corrupt("rebase worker panicked"))])
+                        .unwrap_or_else(|_| Err(Error::corrupt("rebase worker panicked")))
                 })
                 .collect()
         });
         for r in results {
-            apply(c.img, r?)?;
+            r?;
+        }
+        for slot in slots.iter_mut() {
+            apply(c.img, slot)?;
         }
         if let (Some(cb), Some(&(_, end))) = (progress, batch.last()) {
             cb(end, c.size);

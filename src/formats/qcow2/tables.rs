@@ -630,7 +630,9 @@ impl Qcow2 {
         for i in 0..n {
             self.update_refcount(m, start + i, 1)?;
         }
-        if m.free_hint >= start.saturating_sub(0) && m.free_hint <= start {
+        // A single-cluster search has seen every cluster from the hint on in use: the next
+        // search starts after this one (else every allocation rescans from cluster 1).
+        if m.free_hint <= start && (n == 1 || m.free_hint == start) {
             m.free_hint = start + n;
         }
         m.end = m.end.max(start + n);
