@@ -5,6 +5,7 @@
 //! argv[0] as qemu-img does.
 
 mod args;
+mod chain;
 pub mod human;
 mod progress;
 mod qverbs;

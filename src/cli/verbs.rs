@@ -36,6 +36,8 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "compare" => compare(rest),
         "snapshot" => super::qverbs::snapshot(rest),
         "amend" => super::qverbs::amend(rest),
+        "commit" => super::chain::commit(rest),
+        "rebase" => super::chain::rebase(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -162,7 +164,7 @@ fn wants_help(list: &[String]) -> bool {
 }
 
 /// qemu-img's `cvtnum`: a size argument, with its two error messages.
-fn cvtnum(what: &str, s: &str) -> Result<u64, CliError> {
+pub(super) fn cvtnum(what: &str, s: &str) -> Result<u64, CliError> {
     cvtnum_full(what, s, 0, i64::MAX as u64)
 }
 

@@ -165,6 +165,22 @@ pub trait BlockDriver: Send + Sync {
             "This image format does not support checks",
         ))
     }
+    /// Drops everything this layer holds, so that it reads through to its backing file
+    /// (`qemu-img commit` empties the top image afterwards). Crash-safe: an interruption
+    /// leaves at worst leaked clusters. Formats that cannot answer `Unsupported`.
+    fn make_empty(&self) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Image format '{}' cannot be emptied",
+            self.format()
+        )))
+    }
+    /// Rewrites the backing file reference in the image's metadata (`qemu-img rebase`):
+    /// `None` removes the backing file (and its format). The open backing chain is not
+    /// changed; close the image afterwards. Formats without backing files answer
+    /// `Unsupported`.
+    fn set_backing_file(&self, _name: Option<&str>, _format: Option<&str>) -> Result<()> {
+        Err(Error::unsupported("Operation not supported"))
+    }
     /// Flushes and marks the image clean (the last call before dropping a written image).
     fn close(&self) -> Result<()> {
         self.flush()
@@ -412,6 +428,10 @@ pub struct OpenOptions {
     /// repair, a dirty one is not repaired at open, a broken snapshot table is left to the
     /// check to report.
     pub check: bool,
+    /// Open the backing layer at this depth (1 = the immediate backing file) read-write and
+    /// resizable, the others read-only (`commit` writes into its base inside the chain, so
+    /// that the base is opened only once).
+    pub rw_backing_depth: Option<usize>,
 }
 
 impl OpenOptions {
@@ -483,12 +503,15 @@ pub struct OpenCtx {
 impl OpenCtx {
     /// The context for a backing file: read-only (qemu opens backing files read-only).
     pub fn for_backing(&self) -> OpenCtx {
+        // `chain` holds the overlays opened so far: the backing file about to be opened
+        // lies at depth `chain.len()`.
+        let rw = self.opts.rw_backing_depth == Some(self.chain.len());
         OpenCtx {
             opts: OpenOptions {
-                write: false,
+                write: rw,
                 format: None,
                 exclusive: false,
-                resize: false,
+                resize: rw,
                 ..self.opts.clone()
             },
             chain: self.chain.clone(),

@@ -2,6 +2,7 @@
 
 pub mod amend;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -10,5 +11,6 @@ pub mod engine;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod resize;
 pub mod snapshot;

@@ -9,6 +9,7 @@
 
 pub mod amend;
 mod bitmap;
+mod chain;
 mod check;
 pub mod compress;
 pub mod create;
@@ -683,6 +684,14 @@ impl BlockDriver for Qcow2 {
 
     fn resize(&self, new_size: u64, prealloc: Option<&str>) -> Result<()> {
         self.resize_impl(new_size, prealloc)
+    }
+
+    fn make_empty(&self) -> Result<()> {
+        self.make_empty_impl()
+    }
+
+    fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.set_backing_file_impl(name, format)
     }
 
     fn info(&self) -> Result<ImageInfo> {

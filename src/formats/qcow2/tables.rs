@@ -77,6 +77,10 @@ impl Cache {
         v.sort_unstable();
         v
     }
+    /// Drops a table from the cache (it no longer belongs to the image).
+    pub(crate) fn forget(&mut self, off: u64) {
+        self.map.remove(&off);
+    }
     pub(crate) fn keys(&self) -> impl Iterator<Item = &u64> {
         self.map.keys()
     }
