@@ -6,6 +6,7 @@
 
 mod args;
 pub mod human;
+mod misc;
 mod progress;
 mod qverbs;
 mod verbs;

@@ -8,7 +8,7 @@ use crate::formats::Format;
 use crate::ops;
 
 /// One option of a verb: short letter (or none), long name (or none), takes an argument.
-struct Opt {
+pub(super) struct Opt {
     short: Option<char>,
     long: Option<&'static str>,
     arg: bool,
@@ -16,7 +16,7 @@ struct Opt {
     key: &'static str,
 }
 
-const fn o(short: char, long: &'static str, arg: bool, key: &'static str) -> Opt {
+pub(super) const fn o(short: char, long: &'static str, arg: bool, key: &'static str) -> Opt {
     Opt {
         short: Some(short),
         long: if long.is_empty() { None } else { Some(long) },
@@ -25,7 +25,7 @@ const fn o(short: char, long: &'static str, arg: bool, key: &'static str) -> Opt
     }
 }
 
-const fn l(long: &'static str, arg: bool, key: &'static str) -> Opt {
+pub(super) const fn l(long: &'static str, arg: bool, key: &'static str) -> Opt {
     Opt {
         short: None,
         long: Some(long),
@@ -35,10 +35,14 @@ const fn l(long: &'static str, arg: bool, key: &'static str) -> Opt {
 }
 
 /// Options in command-line order (key, argument) and the operands.
-type Parsed = (Vec<(&'static str, String)>, Vec<String>);
+pub(super) type Parsed = (Vec<(&'static str, String)>, Vec<String>);
 
 /// GNU getopt_long with argument permutation: returns the options in order and the operands.
-fn getopt(verb: &'static str, argv: &[String], spec: &[Opt]) -> Result<Parsed, CliError> {
+pub(super) fn getopt(
+    verb: &'static str,
+    argv: &[String],
+    spec: &[Opt],
+) -> Result<Parsed, CliError> {
     let mut opts = Vec::new();
     let mut operands = Vec::new();
     let mut i = 0;
