@@ -70,6 +70,11 @@ pub struct Bench {
 impl Bench {
     /// Opens the image.
     pub fn open(filename: &str, opts: &BenchOptions) -> Result<Bench> {
+        if opts.write && opts.force_share {
+            return Err(Error::invalid_arg(format!(
+                "Could not open '{filename}': force-share=on can only be used with read-only images"
+            )));
+        }
         let img = formats::open(
             filename,
             &OpenOptions {
