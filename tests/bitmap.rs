@@ -245,6 +245,24 @@ fn unsupported_images_error_like_qemu() {
 }
 
 #[test]
+fn empty_image_cannot_store_bitmaps_like_qemu() {
+    require_qemu!();
+    let t = tmpdir();
+    let d = t.path();
+    new_qcow2(d, "z.qcow2", "0", &[]);
+    same_bitmap_effect(
+        d,
+        &["z.qcow2"],
+        "z.qcow2",
+        &[
+            &["bitmap", "--add", "z.qcow2", "b"],
+            &["bitmap", "--remove", "z.qcow2", "b"],
+        ],
+    );
+    assert!(bitmaps(&d.join("d"), "z.qcow2").is_null());
+}
+
+#[test]
 fn too_fine_granularity_is_refused_like_qemu() {
     require_qemu!();
     let t = tmpdir();

@@ -117,7 +117,18 @@ pub fn bitmap(argv: &[String]) -> VerbResult {
         source_file: src_file,
         source_format,
     };
-    ops::bitmap::bitmap(&file, &name, &ops_list, &o)?;
+    if let Err(e) = ops::bitmap::bitmap(&file, &name, &ops_list, &o) {
+        let m = e.message();
+        if m.starts_with("Lost persistent bitmaps") {
+            // qemu reports the failed store at inactivation and again at close
+            let p = super::prog();
+            eprintln!("{p}: {m}");
+            eprintln!("{p}: Error while closing the image: Invalid argument");
+            eprintln!("{p}: {m}");
+            return Err(CliError::Exit(1));
+        }
+        return Err(e.into());
+    }
     Ok(0)
 }
 

@@ -673,6 +673,17 @@ impl BitmapEditor<'_> {
             return Ok(());
         }
         let q = self.q;
+        if self.list.iter().any(|e| e.data.is_some()) && q.table_entries(512) == 0 {
+            // an empty image has no room for bitmap data: qemu fails to store (and keeps
+            // the old state)
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "Lost persistent bitmaps during inactivation of node '{}': No memory",
+                    node_name()
+                ),
+            ));
+        }
         let mut m = q.meta.lock().unwrap_or_else(|e| e.into_inner());
         // 1. data and tables of new/rewritten bitmaps
         for e in self.list.iter_mut() {
