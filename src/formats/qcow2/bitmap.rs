@@ -400,20 +400,28 @@ impl Qcow2 {
     /// Loads the contents of a bitmap (an in-use bitmap reads as inconsistent and empty).
     fn load_entry_data(&self, e: &Entry) -> Result<BitmapData> {
         let gran = 1u64 << e.granularity_bits;
-        let mut d = BitmapData::new(&e.name, gran, self.size);
         if e.in_use {
-            d.inconsistent = true;
-            return Ok(d);
+            // its contents are never used: allocate nothing (its size is unchecked)
+            return Ok(BitmapData {
+                name: e.name.clone(),
+                granularity: gran,
+                size: self.size,
+                bits: Vec::new(),
+                inconsistent: true,
+            });
         }
         if let Some(new) = &e.data {
             return Ok(new.clone());
         }
+        // the table size is bounded (MAX_PHYS_SIZE) by the directory checks: check it
+        // before allocating the bits
         if e.table_size as u64 != self.table_entries(gran) {
             return Err(Error::invalid_image(format!(
                 "{}: Could not read bitmap '{}' from image: Invalid argument",
                 self.filename, e.name
             )));
         }
+        let mut d = BitmapData::new(&e.name, gran, self.size);
         let table = self.read_table(e)?;
         let cs = self.cs as usize;
         let mut buf = vec![0u8; cs];
