@@ -38,6 +38,8 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "amend" => super::qverbs::amend(rest),
         "commit" => super::chain::commit(rest),
         "rebase" => super::chain::rebase(rest),
+        "bitmap" => super::misc::bitmap(rest),
+        "bench" => super::misc::bench(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -74,7 +76,7 @@ fn parse_format(name: &str) -> Result<Format, CliError> {
 }
 
 /// A `-f` for an image to open: qemu words an unknown one as an open failure.
-fn open_format(name: &Option<String>, file: &str) -> Result<Option<Format>, CliError> {
+pub(super) fn open_format(name: &Option<String>, file: &str) -> Result<Option<Format>, CliError> {
     match name.as_deref() {
         None => Ok(None),
         Some(n) => Format::from_name(n)
@@ -169,7 +171,7 @@ pub(super) fn cvtnum(what: &str, s: &str) -> Result<u64, CliError> {
 }
 
 /// qemu-img's `cvtnum_full`: a size argument within bounds.
-fn cvtnum_full(what: &str, s: &str, min: u64, max: u64) -> Result<u64, CliError> {
+pub(super) fn cvtnum_full(what: &str, s: &str, min: u64, max: u64) -> Result<u64, CliError> {
     match parse_size(s) {
         Ok(v) if (min..=max).contains(&v) => Ok(v),
         Err(SizeError::Invalid) => Err(CliError::Msg(format!("Invalid {what} specified: '{s}'."))),

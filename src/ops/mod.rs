@@ -1,6 +1,8 @@
 //! One module per command. Each works on `dyn BlockDriver` and is a library call.
 
 pub mod amend;
+pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod compare;

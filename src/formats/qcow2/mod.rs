@@ -8,7 +8,7 @@
 //! - `create`: `qemu-img create` options and image creation.
 
 pub mod amend;
-mod bitmap;
+pub mod bitmap;
 mod chain;
 mod check;
 pub mod compress;
