@@ -56,7 +56,7 @@ use crate::formats::{
 use crate::io::{is_zero, HostFile};
 use crate::qjson::{Json, Obj};
 
-pub use create::{create, create_summary, CREATE_OPTS};
+pub use create::{create, create_on_sink, create_summary, CREATE_OPTS, SINK_EXTENT_NAME};
 use descriptor::{Access, Descriptor, MAX_DESC_SIZE};
 use header::*;
 use sparse::{Grain, SparseExtent};
@@ -337,7 +337,7 @@ impl VmdkDriver {
                     if let (Some(h), true) = (s.header, s.gd_at_end && s.markers && empty) {
                         let gd_len = s.lock().gd.len();
                         stream = Some(Mutex::new(StreamWriter::new(
-                            main.clone(),
+                            stream::StreamOut::File(main.clone()),
                             filename,
                             h,
                             gd_len,
