@@ -225,3 +225,79 @@ fn sequential_sink_only_appends() {
     s.sync().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"abc\0\0\0\0\0de");
 }
+
+/// Text-like data: words from a small vocabulary in a skewed order, with numbers.
+fn text_like(len: usize, seed: u64) -> Vec<u8> {
+    let words = [
+        "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
+        "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
+        "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
+        "been", "if", "more", "when", "will", "would", "who", "so", "no", "static", "int",
+        "return", "struct", "const", "void", "uint64_t", "offset", "buf",
+    ];
+    let r = pattern(len, seed);
+    let mut out = Vec::with_capacity(len + 32);
+    let mut i = 0;
+    while out.len() < len {
+        let a = r[i % r.len()] as usize;
+        let b = r[(i + 1) % r.len()] as usize;
+        let w = words[(a * b / 255 * words.len() / 256).min(words.len() - 1)];
+        out.extend_from_slice(w.as_bytes());
+        match a % 17 {
+            0 => out.extend_from_slice(b".\n"),
+            1 => out.extend_from_slice(format!(" {}", b * 37).as_bytes()),
+            2 => out.extend_from_slice(b", "),
+            _ => out.push(b' '),
+        }
+        i += 2;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Executable-like data: records of small integers, pointers and repeated opcode runs.
+fn binary_like(len: usize, seed: u64) -> Vec<u8> {
+    let r = pattern(len / 4 + 64, seed);
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0;
+    while out.len() < len {
+        let k = r[i % r.len()];
+        match k % 4 {
+            0 => out.extend_from_slice(&(0x40_0000u32 + (k as u32) * 16).to_le_bytes()),
+            1 => out.extend_from_slice(&[0x48, 0x89, 0xc7, k & 7]),
+            2 => out.extend_from_slice(&[0xe8, k, r[(i + 1) % r.len()], 0xff, 0xff]),
+            _ => out.extend_from_slice(&[0, 0, 0, k >> 4]),
+        }
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn stream_is_no_larger_than_qemus() {
+    require_qemu!();
+    let t = tmpdir();
+    let dir = t.path();
+    let text = text_like(6 << 20, 1);
+    let mut mixed = text_like(2 << 20, 2);
+    mixed.extend(vec![0u8; 1 << 20]);
+    mixed.extend(binary_like(3 << 20, 3));
+    mixed.extend(pattern(1 << 20, 4));
+    mixed.extend(text_like(1 << 20, 5));
+    for (name, data) in [("text.raw", &text), ("mixed.raw", &mixed)] {
+        std::fs::write(dir.join(name), data).unwrap();
+        ok(qemu_img(dir, &stream_args(name, "q.vmdk")));
+        let out = diskit_stdout(dir, &stream_args(name, "-"));
+        assert!(out.status.success(), "{}", stderr(&out));
+        let q = std::fs::metadata(dir.join("q.vmdk")).unwrap().len();
+        let d = out.stdout.len() as u64;
+        eprintln!("{name}: qemu-img {q} bytes, diskit {d} bytes");
+        assert!(
+            d <= q,
+            "{name}: diskit's stream ({d}) is larger than qemu's ({q})"
+        );
+        std::fs::write(dir.join("d.vmdk"), &out.stdout).unwrap();
+        assert!(qemu_raw(dir, "d.vmdk", Some("vmdk")) == *data);
+    }
+}

@@ -18,6 +18,13 @@ use super::header::*;
 use crate::error::{Error, Result};
 use crate::io::{is_zero, HostFile, SeqFile};
 
+/// The deflate level of stream grains. QEMU uses zlib's default (6); zlib-rs at 6 to 8
+/// makes grains up to 3% larger than zlib's on executable-like data, at 9 it is smaller than
+/// zlib's 6 on text and binaries alike, for about the CPU time qemu-img spends (measured on
+/// 32 MiB of source text and of mixed text/binaries/random data: 8211456 vs qemu's 8300544
+/// bytes, and 10708480 vs 10809344).
+const GRAIN_DEFLATE_LEVEL: u32 = 9;
+
 /// Where a stream goes: an image file (created with its header, descriptor and an empty
 /// trailer), or a sequential sink such as standard output (header and descriptor written,
 /// nothing else).
@@ -191,7 +198,7 @@ impl StreamWriter {
         let start = idx * self.grain;
         let valid = (self.capacity - start).min(self.grain) as usize;
         let data = &buf[..valid];
-        let mut c = Compress::new(Compression::default(), true);
+        let mut c = Compress::new(Compression::new(GRAIN_DEFLATE_LEVEL), true);
         let mut out = Vec::with_capacity(12 + valid + valid / 8 + 1024);
         out.extend_from_slice(&(start / SECTOR).to_le_bytes());
         out.extend_from_slice(&[0u8; 4]);
