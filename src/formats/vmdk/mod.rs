@@ -10,6 +10,9 @@
 //! are preallocated by `create` as QEMU does; both directories are kept in step), and
 //! streamOptimized images created by [`create`] as an append-only stream: writes must come in
 //! increasing offset order and [`BlockDriver::close`] writes the final tables and footer.
+//! The same stream can go to a sequential sink (standard output, `convert ... -`) through
+//! [`create_on_sink`]: the bytes are those of a file named [`SINK_EXTENT_NAME`] but for
+//! the random CID. Grains are deflated at level 9 (see `stream.rs`).
 //!
 //! Files and sources of truth:
 //! - `header.rs`: on-disk headers and markers;
