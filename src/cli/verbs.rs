@@ -335,6 +335,12 @@ fn convert(argv: &[String]) -> VerbResult {
     o.copy_range = a.copy_range;
     o.tgt_direct = cache(&a.tgt_cache, "cache option")?;
     o.tgt_flush = !matches!(a.tgt_cache.as_deref(), None | Some("unsafe"));
+    if target == "-" && (a.progress || a.progress_json) && !a.quiet {
+        // progress goes to stdout, which carries the image
+        return Err(CliError::Msg(
+            "-p cannot be used when the target is standard output ('-')".into(),
+        ));
+    }
     let progress = Progress::new(a.progress && !a.quiet, a.progress_json && !a.quiet, 1.0);
     progress.report(0, 1);
     let cb = |d: u64, t: u64| progress.report(d, t);

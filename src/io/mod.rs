@@ -386,3 +386,131 @@ pub fn is_zero(buf: &[u8]) -> bool {
         && suffix.iter().all(|&b| b == 0)
         && words.iter().all(|&w| w == 0)
 }
+
+/// A write-only output that only grows at its end, such as standard output or a pipe: the
+/// sink of formats that can be written as a stream (streamOptimized vmdk).
+///
+/// It offers the subset of [`HostFile`] a stream writer needs, with positional calls that
+/// must land exactly at the current end: `write_at(buf, offset)` with `offset` equal to
+/// [`SeqFile::len`], and `set_len` only to grow (the gap is written as zeroes). Anything
+/// else fails with a clear error instead of seeking.
+#[derive(Debug)]
+pub struct SeqFile {
+    display: String,
+    state: std::sync::Mutex<SeqState>,
+}
+
+#[derive(Debug)]
+struct SeqState {
+    out: std::io::BufWriter<File>,
+    pos: u64,
+}
+
+impl SeqFile {
+    /// Writes to `file` from its current position on (counted as offset 0).
+    pub fn new(file: File, display: &str) -> SeqFile {
+        SeqFile {
+            display: display.to_string(),
+            state: std::sync::Mutex::new(SeqState {
+                out: std::io::BufWriter::with_capacity(1 << 20, file),
+                pos: 0,
+            }),
+        }
+    }
+
+    /// Standard output (a duplicate of descriptor 1, so Rust's own stdout stays untouched).
+    pub fn stdout() -> Result<SeqFile> {
+        use std::os::unix::io::FromRawFd;
+        // SAFETY: dup returns a new descriptor we own, or -1.
+        let fd = unsafe { libc::dup(1) };
+        if fd < 0 {
+            return Err(Error::io(
+                std::io::Error::last_os_error(),
+                "Could not open standard output",
+            ));
+        }
+        // SAFETY: fd is a fresh descriptor owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        Ok(SeqFile::new(file, "standard output"))
+    }
+
+    /// The name used in messages.
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeqState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_err(&self, e: std::io::Error, offset: u64) -> Error {
+        Error::io(
+            e,
+            format!("{}: write at offset {offset:#x} failed", self.display),
+        )
+    }
+
+    /// Bytes written so far (the only offset `write_at` accepts).
+    pub fn len(&self) -> u64 {
+        self.lock().pos
+    }
+
+    /// Has nothing been written yet?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes all of `buf`, which must start where the output ends.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        use std::io::Write;
+        let mut st = self.lock();
+        if offset != st.pos {
+            return Err(Error::unsupported(format!(
+                "{}: cannot write at offset {offset:#x}: the output is sequential and only accepts writes at its end ({:#x})",
+                self.display, st.pos
+            )));
+        }
+        st.out
+            .write_all(buf)
+            .map_err(|e| self.write_err(e, offset))?;
+        st.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Grows the output to `len` bytes by writing zeroes; it cannot shrink.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        use std::io::Write;
+        let mut st = self.lock();
+        if len < st.pos {
+            return Err(Error::unsupported(format!(
+                "{}: cannot truncate a sequential output to {len} bytes ({} are written)",
+                self.display, st.pos
+            )));
+        }
+        let zeros = [0u8; 64 * 1024];
+        while st.pos < len {
+            let n = (len - st.pos).min(zeros.len() as u64) as usize;
+            let at = st.pos;
+            st.out
+                .write_all(&zeros[..n])
+                .map_err(|e| self.write_err(e, at))?;
+            st.pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Hands everything written to the operating system (and to the disk, when the output
+    /// is a regular file).
+    pub fn sync(&self) -> Result<()> {
+        use std::io::Write;
+        let mut st = self.lock();
+        let pos = st.pos;
+        st.out.flush().map_err(|e| self.write_err(e, pos))?;
+        let f = st.out.get_ref();
+        if f.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            f.sync_data()
+                .map_err(|e| Error::io(e, format!("{}: sync failed", self.display)))?;
+        }
+        Ok(())
+    }
+}

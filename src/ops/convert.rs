@@ -11,7 +11,8 @@ pub struct ConvertOptions {
     pub sources: Vec<String>,
     /// Source format (`-f`), probed when `None`.
     pub source_format: Option<Format>,
-    /// Target image.
+    /// Target image; `-` writes a streamOptimized vmdk to standard output (the only format
+    /// that can be written sequentially).
     pub target: String,
     /// Target format name (`-O`, default raw); checked after the sources are open, as
     /// qemu-img does.
@@ -167,7 +168,27 @@ pub fn convert(
             ));
         }
     }
-    if !opts.no_create {
+    let to_stdout = opts.target == "-";
+    if to_stdout {
+        let stream =
+            target_format == Format::Vmdk && topts.get("subformat") == Some("streamOptimized");
+        if !stream || opts.no_create {
+            return Err(Error::invalid_arg(
+                "'-' (standard output) as the target needs -O vmdk -o subformat=streamOptimized and image creation (no -n)",
+            ));
+        }
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            return Err(Error::invalid_arg(
+                "refusing to write an image to a terminal; redirect or pipe standard output",
+            ));
+        }
+        if opts.out_of_order {
+            return Err(Error::invalid_arg(
+                "-W cannot be used when writing to standard output (the stream is written in order)",
+            ));
+        }
+    }
+    if !opts.no_create && !to_stdout {
         formats::create(&opts.target, target_format, &topts).map_err(|e| {
             let msg = e
                 .message()
@@ -180,17 +201,22 @@ pub fn convert(
             ))
         })?;
     }
-    let tgt = formats::open(
-        &opts.target,
-        &OpenOptions {
-            format: Some(target_format),
-            write: true,
-            direct: opts.tgt_direct,
-            no_flush: !opts.tgt_flush,
-            no_backing: true,
-            ..OpenOptions::default()
-        },
-    )?;
+    let tgt = if to_stdout {
+        let sink = std::sync::Arc::new(crate::io::SeqFile::stdout()?);
+        formats::vmdk::create_on_sink(sink, &topts)?
+    } else {
+        formats::open(
+            &opts.target,
+            &OpenOptions {
+                format: Some(target_format),
+                write: true,
+                direct: opts.tgt_direct,
+                no_flush: !opts.tgt_flush,
+                no_backing: true,
+                ..OpenOptions::default()
+            },
+        )?
+    };
     if opts.no_create && tgt.virtual_size() < total {
         return Err(Error::invalid_arg("output file is smaller than input file"));
     }

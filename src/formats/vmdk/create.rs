@@ -316,8 +316,19 @@ fn create_file(name: &str) -> Result<HostFile> {
     HostFile::open(name, &HostOpenOptions::create()).map_err(|e| e.context(name))
 }
 
-/// Creates a vmdk image.
-pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
+/// The checked `-o` options of a new image.
+struct Params<'a> {
+    sub: Subformat,
+    adapter: &'a str,
+    hw: &'a str,
+    tools: &'a str,
+    zeroed_grain: bool,
+    backing: Option<&'a str>,
+    parent_cid: u32,
+    size: u64,
+}
+
+fn params<'a>(filename: &str, opts: &'a CreateOpts) -> Result<Params<'a>> {
     let err = |m: &str| Error::invalid_arg(format!("{filename}: {m}"));
     let mut known: Vec<OptDesc> = CREATE_OPTS.to_vec();
     known.extend(formats::raw::PROTOCOL_OPTS.iter().skip(1).copied());
@@ -397,7 +408,31 @@ pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
         .map(|s| s / SECTOR * SECTOR)
         .filter(|s| *s <= i64::MAX as u64)
         .ok_or_else(|| err("Image size is too large"))?;
+    Ok(Params {
+        sub,
+        adapter,
+        hw,
+        tools,
+        zeroed_grain,
+        backing,
+        parent_cid,
+        size,
+    })
+}
 
+/// Creates a vmdk image.
+pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
+    let err = |m: &str| Error::invalid_arg(format!("{filename}: {m}"));
+    let Params {
+        sub,
+        adapter,
+        hw,
+        tools,
+        zeroed_grain,
+        backing,
+        parent_cid,
+        size,
+    } = params(filename, opts)?;
     let (path, prefix, postfix) = decompose(filename);
     let mut extents = String::new();
     let desc_file = create_file(filename)?;
@@ -468,6 +503,61 @@ pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
         desc_file.set_len(text.len() as u64)?;
     }
     desc_file.sync()
+}
+
+/// The name the descriptor of a stream written to a sequential sink gives its extent (the
+/// file the stream will become is unknown; readers of a monolithic stream ignore it).
+pub const SINK_EXTENT_NAME: &str = "disk.vmdk";
+
+/// Starts a streamOptimized image on a sequential sink (standard output): writes the header
+/// and the descriptor, and returns the driver that takes the guest data in increasing
+/// offset order; its `close` writes the tables, footer and end-of-stream marker. The bytes
+/// are those [`create`] and the vmdk driver write into a file named [`SINK_EXTENT_NAME`],
+/// except for the random CID. A backing file is not supported.
+pub fn create_on_sink(
+    sink: std::sync::Arc<crate::io::SeqFile>,
+    opts: &CreateOpts,
+) -> Result<Box<dyn formats::BlockDriver>> {
+    let name = sink.display().to_string();
+    let p = params(&name, opts)?;
+    if p.sub != Subformat::StreamOptimized {
+        return Err(Error::unsupported(format!(
+            "{name}: only the streamOptimized subformat can be written to a sequential output"
+        )));
+    }
+    if p.backing.is_some() {
+        return Err(Error::unsupported(format!(
+            "{name}: a backing file is not supported when writing to a sequential output"
+        )));
+    }
+    let h = stream_header(p.size, p.zeroed_grain);
+    let extents = format!("RW {} SPARSE \"{SINK_EXTENT_NAME}\"\n", p.size / SECTOR);
+    let text = descriptor_text(&DescParams {
+        cid: random_u32(),
+        parent_cid: p.parent_cid,
+        create_type: p.sub.name(),
+        parent: None,
+        extents: &extents,
+        hw_version: p.hw,
+        size: p.size,
+        adapter: p.adapter,
+        tools: p.tools,
+    });
+    let room = (h.desc_size * SECTOR) as usize;
+    if text.len() > room {
+        return Err(Error::invalid_arg(format!("{name}: descriptor too long")));
+    }
+    let mut head = h.to_bytes().to_vec();
+    head.extend_from_slice(text.as_bytes());
+    head.resize(SECTOR as usize + room, 0);
+    sink.write_at(&head, 0)?;
+    let gd_len = h
+        .capacity
+        .div_ceil(h.grain_sectors)
+        .div_ceil(h.gtes_per_gt as u64) as usize;
+    Ok(Box::new(super::stream::StreamSink::new(
+        sink, &name, h, gd_len,
+    )))
 }
 
 #[cfg(test)]

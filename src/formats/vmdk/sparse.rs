@@ -71,6 +71,9 @@ pub struct SparseExtent {
     pub rgd_offset: Option<u64>,
     /// The primary directory was damaged and the redundant one is used instead.
     pub using_redundant: bool,
+    /// Opened for `check`: tables past the end of the file read as zero (as in QEMU), and
+    /// the redundant directory is not loaded.
+    pub lenient: bool,
     state: Mutex<State>,
 }
 
@@ -86,9 +89,19 @@ fn read_gd(
     off: u64,
     n: u32,
     gtes: u32,
+    lenient: bool,
 ) -> Result<Vec<u32>> {
     let file_len = file.len()?;
     let bytes = n as u64 * 4;
+    if lenient {
+        // Check mode reads like QEMU: what lies past the end of the file reads as zero, so
+        // a directory or table there names nothing. (`n` is bounded by the caller.)
+        let mut buf = vec![0u8; bytes as usize];
+        if off.checked_add(bytes).is_some() {
+            file.read_at(&mut buf, off)?;
+        }
+        return Ok(decode_table(&buf));
+    }
     if off.checked_add(bytes).is_none_or(|end| end > file_len) || (off == 0 && n > 0) {
         return Err(Error::corrupt(format!(
             "{name}: {what} at offset {off:#x} ({bytes} bytes) lies beyond the end of the file ({file_len} bytes)"
@@ -121,6 +134,7 @@ impl SparseExtent {
         name: &str,
         head: &[u8],
         writable: bool,
+        lenient: bool,
     ) -> Result<SparseExtent> {
         let mut h = SparseHeader::parse(head);
         let file_len = file.len()?;
@@ -201,6 +215,7 @@ impl SparseExtent {
             gd_offset: gd_off,
             rgd_offset: rgd_off,
             using_redundant: false,
+            lenient,
             state: Mutex::new(State {
                 gd: Vec::new(),
                 rgd: None,
@@ -220,6 +235,7 @@ impl SparseExtent {
         name: &str,
         head: &[u8],
         writable: bool,
+        lenient: bool,
     ) -> Result<SparseExtent> {
         let h = CowdHeader::parse(head);
         let file_len = file.len()?;
@@ -249,6 +265,7 @@ impl SparseExtent {
             gd_offset: h.gd_offset * SECTOR,
             rgd_offset: None,
             using_redundant: false,
+            lenient,
             state: Mutex::new(State {
                 gd: Vec::new(),
                 rgd: None,
@@ -270,8 +287,9 @@ impl SparseExtent {
             self.gd_offset,
             n,
             self.gtes,
+            self.lenient,
         );
-        let redundant = self.rgd_offset.map(|off| {
+        let redundant = self.rgd_offset.filter(|_| !self.lenient).map(|off| {
             read_gd(
                 &self.file,
                 &self.name,
@@ -279,6 +297,7 @@ impl SparseExtent {
                 off,
                 n,
                 self.gtes,
+                false,
             )
         });
         let st = self.state.get_mut().unwrap();
@@ -324,7 +343,12 @@ impl SparseExtent {
             let len = gt_bytes(self.gtes);
             let off = sector as u64 * SECTOR;
             let mut buf = vec![0u8; len as usize];
-            self.file.read_exact_at(&mut buf, off).map_err(|_| {
+            let read = if self.lenient {
+                self.file.read_at(&mut buf, off)
+            } else {
+                self.file.read_exact_at(&mut buf, off)
+            };
+            read.map_err(|_| {
                 Error::corrupt(format!(
                     "{}: grain table at offset {off:#x} lies beyond the end of the file",
                     self.name
@@ -376,6 +400,26 @@ impl SparseExtent {
             }
         };
         Ok((g, grain_end - rel))
+    }
+
+    /// The raw grain table entry for the grain holding byte `rel`, as `qemu-img check` sees
+    /// it: `Ok(None)` when the directory names no table there (the whole table's range is
+    /// unallocated), else the entry (0 unallocated; 1 zeroed where the header allows it).
+    /// An error means the lookup itself failed (beyond the directory, unreadable table).
+    pub fn raw_entry(&self, st: &mut State, rel: u64) -> Result<Option<u32>> {
+        let idx = rel / self.grain;
+        let l1 = idx / self.gtes as u64;
+        let l2 = (idx % self.gtes as u64) as usize;
+        let Some(&gt_sector) = usize::try_from(l1).ok().and_then(|i| st.gd.get(i)) else {
+            return Err(Error::corrupt(format!(
+                "{}: offset {rel:#x} is beyond the grain directory",
+                self.name
+            )));
+        };
+        if gt_sector == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.load_gt(st, gt_sector)?[l2]))
     }
 
     /// The inflated content of a compressed grain starting at extent byte `grain_start`.

@@ -16,12 +16,51 @@ use flate2::{Compress, Compression, FlushCompress, Status};
 
 use super::header::*;
 use crate::error::{Error, Result};
-use crate::io::{is_zero, HostFile};
+use crate::io::{is_zero, HostFile, SeqFile};
+
+/// The deflate level of stream grains. QEMU uses zlib's default (6); zlib-rs at 6 to 8
+/// makes grains up to 3% larger than zlib's on executable-like data, at 9 it is smaller than
+/// zlib's 6 on text and binaries alike, for about the CPU time qemu-img spends (measured on
+/// 32 MiB of source text and of mixed text/binaries/random data: 8211456 vs qemu's 8300544
+/// bytes, and 10708480 vs 10809344).
+const GRAIN_DEFLATE_LEVEL: u32 = 9;
+
+/// Where a stream goes: an image file (created with its header, descriptor and an empty
+/// trailer), or a sequential sink such as standard output (header and descriptor written,
+/// nothing else).
+#[derive(Debug, Clone)]
+pub enum StreamOut {
+    /// A seekable image file.
+    File(Arc<HostFile>),
+    /// An append-only output.
+    Seq(Arc<SeqFile>),
+}
+
+impl StreamOut {
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match self {
+            StreamOut::File(f) => f.write_at(buf, offset),
+            StreamOut::Seq(s) => s.write_at(buf, offset),
+        }
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        match self {
+            StreamOut::File(f) => f.set_len(len),
+            StreamOut::Seq(s) => s.set_len(len),
+        }
+    }
+    fn sync(&self) -> Result<()> {
+        match self {
+            StreamOut::File(f) => f.sync(),
+            StreamOut::Seq(s) => s.sync(),
+        }
+    }
+}
 
 /// The append-only writer of one stream-optimized extent.
 #[derive(Debug)]
 pub struct StreamWriter {
-    file: Arc<HostFile>,
+    file: StreamOut,
     name: String,
     header: SparseHeader,
     grain: u64,
@@ -42,7 +81,7 @@ pub struct StreamWriter {
 impl StreamWriter {
     /// A writer for an extent that holds no grains yet.
     pub fn new(
-        file: Arc<HostFile>,
+        file: StreamOut,
         name: &str,
         header: SparseHeader,
         gd_len: usize,
@@ -159,7 +198,7 @@ impl StreamWriter {
         let start = idx * self.grain;
         let valid = (self.capacity - start).min(self.grain) as usize;
         let data = &buf[..valid];
-        let mut c = Compress::new(Compression::default(), true);
+        let mut c = Compress::new(Compression::new(GRAIN_DEFLATE_LEVEL), true);
         let mut out = Vec::with_capacity(12 + valid + valid / 8 + 1024);
         out.extend_from_slice(&(start / SECTOR).to_le_bytes());
         out.extend_from_slice(&[0u8; 4]);
@@ -223,10 +262,18 @@ impl StreamWriter {
     }
 
     /// Writes the last grain, its grain table, the directory, the footer and the
-    /// end-of-stream marker. Does nothing when nothing was written.
+    /// end-of-stream marker. In a file, does nothing when nothing was written (the file
+    /// holds an empty stream already); a sequential sink gets the empty stream's trailer.
     pub fn finish(&mut self) -> Result<()> {
-        if !self.started || self.finished {
+        if self.finished {
             return Ok(());
+        }
+        if !self.started {
+            if let StreamOut::File(_) = self.file {
+                return Ok(());
+            }
+            self.file.set_len(self.header.grain_offset * SECTOR)?;
+            self.started = true;
         }
         self.flush_grain()?;
         self.emit_gt()?;
@@ -260,4 +307,105 @@ pub fn empty_trailer(header: &SparseHeader, gd_len: usize, at_sector: u64) -> Ve
     buf.extend_from_slice(&footer.to_bytes());
     buf.extend_from_slice(&Marker::meta(MARKER_EOS, 0));
     buf
+}
+
+/// A streamOptimized image being written to a sequential sink (standard output): it takes
+/// guest data in increasing offset order and nothing else (no reads, no map). `close`
+/// finishes the stream; dropping it unfinished leaves the output without its footer, so
+/// that a failed conversion never looks like a complete image.
+#[derive(Debug)]
+pub struct StreamSink {
+    name: String,
+    size: u64,
+    grain: u64,
+    writer: std::sync::Mutex<StreamWriter>,
+}
+
+impl StreamSink {
+    /// A sink whose header and descriptor are written already.
+    pub fn new(sink: Arc<SeqFile>, name: &str, header: SparseHeader, gd_len: usize) -> Self {
+        StreamSink {
+            name: name.to_string(),
+            size: header.capacity * SECTOR,
+            grain: header.grain_sectors * SECTOR,
+            writer: std::sync::Mutex::new(StreamWriter::new(
+                StreamOut::Seq(sink),
+                name,
+                header,
+                gd_len,
+                false,
+            )),
+        }
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, StreamWriter> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::out_of_bounds(format!(
+                "{}: access at offset {offset} length {len} is beyond the end of the image ({} bytes)",
+                self.name, self.size
+            ))),
+        }
+    }
+
+    fn no_reads(&self) -> Error {
+        Error::unsupported(format!(
+            "{}: a stream being written to a sequential output cannot be read",
+            self.name
+        ))
+    }
+}
+
+impl crate::formats::BlockDriver for StreamSink {
+    fn format(&self) -> crate::formats::Format {
+        crate::formats::Format::Vmdk
+    }
+    fn filename(&self) -> &str {
+        &self.name
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.grain)
+    }
+    fn map(&self, _offset: u64, _max_len: u64) -> Result<(crate::formats::Mapping, u64)> {
+        Err(self.no_reads())
+    }
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
+        Err(self.no_reads())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.writer().write(Some(buf), offset, buf.len() as u64)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.writer().write(None, offset, len)
+    }
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_at(buf, offset)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn backing(&self) -> Option<&dyn crate::formats::BlockDriver> {
+        None
+    }
+    fn info(&self) -> Result<crate::formats::ImageInfo> {
+        Err(self.no_reads())
+    }
+    fn close(&self) -> Result<()> {
+        self.writer().finish()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
