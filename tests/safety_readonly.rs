@@ -427,7 +427,7 @@ fn convert_leaves_qcow2_source_untouched() {
             "-O",
             "raw",
             img,
-            "snap.out.raw",
+            &format!("{stem}.s1.raw"),
         ]));
     }
     cmds.push(strings(&[
