@@ -130,3 +130,63 @@ fn program_name_comes_from_argv0() {
         stderr(&out)
     );
 }
+
+#[test]
+fn map_and_compare_raw_match_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(d.join("a.raw")).unwrap();
+    f.set_len(24 << 20).unwrap();
+    f.write_all_at(&pattern(3 << 20, 1), 1 << 20).unwrap();
+    f.write_all_at(&pattern(4096, 2), 20 << 20).unwrap();
+    drop(f);
+    std::fs::copy(d.join("a.raw"), d.join("b.raw")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("b.raw"))
+        .unwrap();
+    f.write_all_at(b"x", (2 << 20) + 700).unwrap();
+    drop(f);
+    std::fs::write(d.join("short.raw"), pattern(1 << 20, 9)).unwrap();
+    for args in [
+        &["map", "--output=json", "a.raw"][..],
+        &["map", "a.raw"],
+        &[
+            "map",
+            "-f",
+            "raw",
+            "--output=json",
+            "-s",
+            "1M",
+            "-l",
+            "9M",
+            "a.raw",
+        ],
+        &["map", "-s", "foo", "a.raw"],
+        &["map", "--start-offset=-5", "a.raw"],
+        &["map"],
+        &["compare", "a.raw", "a.raw"],
+        &["compare", "a.raw", "b.raw"],
+        &["compare", "-q", "a.raw", "b.raw"],
+        &["compare", "-s", "a.raw", "short.raw"],
+        &["compare", "a.raw", "short.raw"],
+        &["compare", "a.raw", "missing.raw"],
+        &["compare", "a.raw"],
+        &["check", "-f", "raw", "a.raw"],
+        &["check", "--output=json", "a.raw"],
+        &["check", "-r", "foo", "a.raw"],
+        &["check", "-r", "all", "a.raw"],
+        &["check"],
+        &["check", "--output=x", "a.raw"],
+        &["measure", "--size", "1G"],
+        &["measure", "-O", "raw", "a.raw"],
+        &["measure", "--output=json", "-O", "raw", "a.raw"],
+        &["measure"],
+        &["measure", "--size", "1G", "a.raw"],
+        &["measure", "-O", "nope", "--size", "1G"],
+    ] {
+        same_as_qemu(d, args);
+    }
+}

@@ -223,3 +223,180 @@ pub struct ConvertArgs {
     /// SRC_FILENAME... TGT_FILENAME
     pub files: Vec<String>,
 }
+
+/// `map`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Dump the allocation map of an image",
+    disable_version_flag = true
+)]
+pub struct MapArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Treat FILENAME as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// First guest offset to map.
+    #[arg(short = 's', long = "start-offset", value_name = "OFFSET")]
+    pub start_offset: Option<String>,
+    /// Bytes to map.
+    #[arg(short = 'l', long = "max-length", value_name = "LENGTH")]
+    pub max_length: Option<String>,
+    /// Image file name.
+    pub files: Vec<String>,
+}
+
+/// `compare`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Check whether two images have the same content",
+    disable_version_flag = true
+)]
+pub struct CompareArgs {
+    /// Format of the first image.
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format1: Option<String>,
+    /// Format of the second image.
+    #[arg(short = 'F', value_name = "FMT")]
+    pub format2: Option<String>,
+    /// Cache mode.
+    #[arg(short = 'T', long = "cache", value_name = "CACHE")]
+    pub cache: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Strict: sizes and allocation must match too.
+    #[arg(short = 's', long = "strict")]
+    pub strict: bool,
+    /// Shared mode.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Treat file names as image specifications.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// FILENAME1 FILENAME2
+    pub files: Vec<String>,
+}
+
+/// `resize` (the size, the last argument, is taken off before parsing)
+#[derive(Parser, Debug)]
+#[command(
+    about = "Change the virtual size of an image",
+    disable_version_flag = true
+)]
+pub struct ResizeArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Preallocation of the new part (off, metadata, falloc, full).
+    #[arg(long = "preallocation", value_name = "PREALLOC")]
+    pub preallocation: Option<String>,
+    /// Allow shrinking.
+    #[arg(long = "shrink")]
+    pub shrink: bool,
+    /// Treat FILENAME as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// FILENAME
+    pub files: Vec<String>,
+}
+
+/// `dd`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Copy from input to output, dd style",
+    disable_version_flag = true
+)]
+pub struct DdArgs {
+    /// Input format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output format (default raw).
+    #[arg(short = 'O', long = "output-format", value_name = "OUTPUT_FMT")]
+    pub output_format: Option<String>,
+    /// Shared mode.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Treat the input as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// Operands: if=, of=, bs=, count=, skip=
+    pub operands: Vec<String>,
+}
+
+/// `check`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Check an image for consistency, and repair it",
+    disable_version_flag = true
+)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Repair: leaks or all.
+    #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
+    pub repair: Option<String>,
+    /// Cache mode.
+    #[arg(short = 'T', long = "cache", value_name = "CACHE_MODE")]
+    pub cache: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Treat FILENAME as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// FILENAME
+    pub files: Vec<String>,
+}
+
+/// `measure`
+#[derive(Parser, Debug)]
+#[command(
+    about = "Calculate the file size needed for a new image",
+    disable_version_flag = true
+)]
+pub struct MeasureArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Target format options.
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Target format (default raw).
+    #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
+    pub target_format: Option<String>,
+    /// Size of a new image instead of a source.
+    #[arg(long = "size", value_name = "SIZE")]
+    pub size: Option<String>,
+    /// Source snapshot.
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT_PARAM")]
+    pub snapshot: Option<String>,
+    /// Treat FILENAME as an image specification.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// QEMU user-creatable object (accepted and ignored).
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
+    /// FILENAME
+    pub files: Vec<String>,
+}

@@ -6,6 +6,7 @@
 
 mod args;
 pub mod human;
+mod progress;
 mod verbs;
 
 use std::sync::OnceLock;

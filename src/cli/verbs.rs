@@ -2,9 +2,13 @@
 
 use std::io::Write;
 
-use super::args::{self, ConvertArgs, CreateArgs, InfoArgs};
+use super::args::{
+    self, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DdArgs, InfoArgs, MapArgs, MeasureArgs,
+    ResizeArgs,
+};
+use super::progress::Progress;
 use super::{human, prog, CliError, VerbResult};
-use crate::formats::options::{parse_size, split_opts};
+use crate::formats::options::{parse_size, split_opts, SizeError};
 use crate::formats::{self, CreateOpts, Format};
 use crate::ops;
 use crate::qjson::{self, Json};
@@ -24,6 +28,12 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "info" => info(rest),
         "create" => create(rest),
         "convert" => convert(rest),
+        "map" => map(rest),
+        "measure" => measure(rest),
+        "check" => check(rest),
+        "dd" => dd(rest),
+        "resize" => resize(rest),
+        "compare" => compare(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -119,7 +129,23 @@ fn merge_opts(list: &[String]) -> Result<CreateOpts, CliError> {
     Ok(o)
 }
 
-fn print_opts_help(format: Format) {
+/// `-o help`: the format's options; with a target file name, merged with the host file's
+/// options (sorted by name), as qemu-img prints them.
+fn print_opts_help(format: Format, filename: Option<&str>) {
+    if filename.is_some() {
+        let mut all: Vec<&formats::OptDesc> = formats::create_options(format).iter().collect();
+        for d in formats::raw::PROTOCOL_OPTS {
+            if !all.iter().any(|x| x.name == d.name) {
+                all.push(d);
+            }
+        }
+        all.sort_by_key(|d| d.name);
+        println!("Supported options:");
+        for d in all {
+            println!("{}", d.help_line());
+        }
+        return;
+    }
     println!("Supported {} options:", format.name());
     for d in formats::create_options(format) {
         println!("{}", d.help_line());
@@ -133,40 +159,24 @@ fn wants_help(list: &[String]) -> bool {
         .any(|k| k == "help" || k == "?")
 }
 
-fn size_arg(s: &str) -> Result<u64, CliError> {
+/// qemu-img's `cvtnum`: a size argument, with its two error messages.
+fn cvtnum(what: &str, s: &str) -> Result<u64, CliError> {
+    cvtnum_full(what, s, 0, i64::MAX as u64)
+}
+
+/// qemu-img's `cvtnum_full`: a size argument within bounds.
+fn cvtnum_full(what: &str, s: &str, min: u64, max: u64) -> Result<u64, CliError> {
     match parse_size(s) {
-        Ok(v) if v <= i64::MAX as u64 => Ok(v),
-        Ok(_) => Err(CliError::Msg(
-            "Invalid image size specified. Must be between 0 and 9223372036854775807.".into(),
-        )),
-        Err(_) => {
-            if s.trim_end_matches(|c: char| c.is_ascii_alphabetic())
-                .parse::<f64>()
-                .is_ok()
-                && s.chars().last().is_some_and(|c| c.is_ascii_alphabetic())
-                && !s.ends_with([
-                    'b', 'B', 'k', 'K', 'm', 'M', 'g', 'G', 't', 'T', 'p', 'P', 'e', 'E',
-                ])
-            {
-                return Err(CliError::Msg(format!(
-                    "Invalid image size specified: '{s}'."
-                )));
-            }
-            if s.parse::<f64>().is_err() && s.len() > 1 {
-                if let Ok(v) = s[..s.len() - 1].parse::<f64>() {
-                    if v >= 0.0 {
-                        return Err(CliError::Msg(
-                            "Invalid image size specified. Must be between 0 and 9223372036854775807."
-                                .into(),
-                        ));
-                    }
-                }
-            }
-            Err(CliError::Msg(format!(
-                "Invalid image size specified: '{s}'."
-            )))
-        }
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
+        Err(SizeError::Invalid) => Err(CliError::Msg(format!("Invalid {what} specified: '{s}'."))),
+        _ => Err(CliError::Msg(format!(
+            "Invalid {what} specified. Must be between {min} and {max}."
+        ))),
     }
+}
+
+fn size_arg(s: &str) -> Result<u64, CliError> {
+    cvtnum("image size", s)
 }
 
 fn create(argv: &[String]) -> VerbResult {
@@ -174,7 +184,7 @@ fn create(argv: &[String]) -> VerbResult {
     let format_name = a.format.clone().unwrap_or_else(|| "raw".to_string());
     if wants_help(&a.options) {
         let format = parse_format(&format_name)?;
-        print_opts_help(format);
+        print_opts_help(format, a.rest.first().map(String::as_str));
         return Ok(0);
     }
     let Some(filename) = a.rest.first().cloned() else {
@@ -226,57 +236,87 @@ fn create(argv: &[String]) -> VerbResult {
     Ok(0)
 }
 
-struct Progress {
-    enabled: bool,
-    json: bool,
-    last: std::sync::Mutex<f64>,
-    start: std::time::Instant,
-}
-
-impl Progress {
-    fn report(&self, done: u64, total: u64) {
-        if !self.enabled {
-            return;
-        }
-        let pct = if total == 0 {
-            100.0
-        } else {
-            done as f64 * 100.0 / total as f64
-        };
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if pct < *last + 1.0 && !(pct >= 100.0 && *last < 100.0) {
-            return;
-        }
-        *last = pct;
-        let mut out = std::io::stdout().lock();
-        if self.json {
-            let _ = writeln!(
-                out,
-                "{{\"done\": {done}, \"total\": {total}, \"elapsed\": {:.3}}}",
-                self.start.elapsed().as_secs_f64()
-            );
-        } else {
-            let _ = write!(out, "    ({pct:.2}/100%)\r");
-        }
-        let _ = out.flush();
-    }
-}
-
 fn convert(argv: &[String]) -> VerbResult {
     let a: ConvertArgs = args::parse("convert", argv)?;
-    let target_format_name = a.target_format.clone().unwrap_or_else(|| "raw".into());
+    let mut o = ops::convert::ConvertOptions::new(Vec::new(), String::new());
+    if let Some(sz) = &a.sparse_size {
+        let v = cvtnum("buffer size for sparse output", sz)?;
+        if v % 512 != 0 || v / 512 > 32768 {
+            return Err(CliError::Msg(
+                "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).".into(),
+            ));
+        }
+        o.sparse_size = v;
+    }
+    if let Some(m) = &a.parallel {
+        o.workers = match m.parse::<usize>() {
+            Ok(n) if (1..=16).contains(&n) => n,
+            _ => {
+                return Err(CliError::Msg(
+                    "Invalid number of coroutines specified. Must be between 1 and 16.".into(),
+                ))
+            }
+        };
+    }
+    if let Some(r) = &a.rate {
+        o.rate = Some(cvtnum("rate limit", r)?);
+    }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(CliError::Msg(
+            "Use of --skip-broken-bitmaps requires --bitmaps".into(),
+        ));
+    }
+    if a.compress && a.copy_range {
+        return Err(CliError::Msg(
+            "Cannot enable copy offloading when -c is used".into(),
+        ));
+    }
+    if a.sparse_size.is_some() && a.copy_range {
+        return Err(CliError::Msg(
+            "Cannot enable copy offloading when -S is used".into(),
+        ));
+    }
+    if a.copy_range && a.salvage {
+        return Err(CliError::Msg(
+            "Cannot use copy offloading in salvaging mode".into(),
+        ));
+    }
+    if a.target_image_opts && !a.no_create {
+        return Err(CliError::Msg(
+            "--target-image-opts requires use of -n flag".into(),
+        ));
+    }
+    if a.no_create && !a.options.is_empty() {
+        return Err(CliError::Msg(
+            "-o has no effect when skipping image creation".into(),
+        ));
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err(CliError::Msg(
+            "--target-is-zero requires use of -n flag".into(),
+        ));
+    }
     if wants_help(&a.options) {
-        print_opts_help(parse_format(&target_format_name)?);
+        let f = a.target_format.as_deref().unwrap_or("raw");
+        print_opts_help(parse_format(f)?, a.files.last().map(String::as_str));
         return Ok(0);
     }
     if a.files.len() < 2 {
         return Err(CliError::Msg("Must specify image file name".into()));
     }
+    let cache = |c: &Option<String>, what: &str| -> Result<bool, CliError> {
+        match c.as_deref() {
+            None | Some("writeback") | Some("unsafe") | Some("writethrough") => Ok(false),
+            Some("none") | Some("directsync") => Ok(true),
+            Some(other) => Err(CliError::Msg(format!("Invalid {what}: {other}"))),
+        }
+    };
+    o.src_direct = cache(&a.src_cache, "source cache option")?;
     let (target, sources) = a.files.split_last().expect("two or more");
-    let target_format = parse_format(&target_format_name)?;
-    let mut o = ops::convert::ConvertOptions::new(sources.to_vec(), target.clone());
-    o.source_format = a.format.as_deref().map(parse_format).transpose()?;
-    o.target_format = target_format;
+    o.sources = sources.to_vec();
+    o.target = target.clone();
+    o.source_format = open_format(&a.format, &sources[0])?;
+    o.target_format = a.target_format.clone().unwrap_or_else(|| "raw".into());
     o.target_opts = merge_opts(&a.options)?;
     o.compress = a.compress;
     o.no_create = a.no_create;
@@ -286,56 +326,493 @@ fn convert(argv: &[String]) -> VerbResult {
     o.force_share = a.force_share;
     o.out_of_order = a.oob_writes;
     o.salvage = a.salvage;
-    if a.backing_format.is_some() && a.backing.is_none() {
-        return Err(CliError::Msg(
-            "Specifying backing image format requires specifying a backing image".into(),
-        ));
-    }
-    if let Some(s) = &a.sparse_size {
-        o.sparse_size = match parse_size(s) {
-            Ok(v) if v <= i64::MAX as u64 / 512 => v,
-            _ => {
-                return Err(CliError::Msg(
-                    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 1 GiB"
-                        .into(),
-                ))
-            }
-        };
-    }
-    if let Some(m) = &a.parallel {
-        o.workers = match m.parse::<usize>() {
-            Ok(n) if (1..=16).contains(&n) => n,
-            _ => return Err(CliError::Msg(
-                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
-                    .into(),
-            )),
-        };
-    }
-    if let Some(r) = &a.rate {
-        o.rate =
-            Some(parse_size(r).map_err(|_| CliError::Msg("Invalid rate limit specified".into()))?);
-    }
-    let cache = |c: &Option<String>| -> Result<bool, CliError> {
-        match c.as_deref() {
-            None | Some("writeback") | Some("unsafe") | Some("writethrough")
-            | Some("directsync") => Ok(c.as_deref() == Some("directsync")),
-            Some("none") => Ok(true),
-            Some(other) => Err(CliError::Msg(format!("Invalid cache option: {other}"))),
-        }
-    };
-    o.src_direct = cache(&a.src_cache)?;
-    o.tgt_direct = cache(&a.tgt_cache)?;
-    let progress = Progress {
-        enabled: (a.progress || a.progress_json) && !a.quiet,
-        json: a.progress_json,
-        last: std::sync::Mutex::new(-1.0),
-        start: std::time::Instant::now(),
-    };
+    o.copy_range = a.copy_range;
+    o.tgt_direct = cache(&a.tgt_cache, "cache option")?;
+    let progress = Progress::new(a.progress && !a.quiet, a.progress_json && !a.quiet, 1.0);
     progress.report(0, 1);
     let cb = |d: u64, t: u64| progress.report(d, t);
-    ops::convert::convert(&o, Some(&cb))?;
-    if progress.enabled && !progress.json {
-        println!();
+    let r = ops::convert::convert(&o, Some(&cb));
+    progress.finish();
+    r?;
+    Ok(0)
+}
+
+fn map(argv: &[String]) -> VerbResult {
+    let a: MapArgs = args::parse("map", argv)?;
+    let start = a
+        .start_offset
+        .as_deref()
+        .map(|s| cvtnum("start offset", s))
+        .transpose()?
+        .unwrap_or(0);
+    let max_len = a
+        .max_length
+        .as_deref()
+        .map(|s| cvtnum("max length", s))
+        .transpose()?;
+    if a.files.len() != 1 {
+        return Err(CliError::Usage(
+            "Expecting one image file name".into(),
+            "map",
+        ));
+    }
+    let json = parse_output(&a.common.output, "map")?;
+    let file = &a.files[0];
+    let opts = crate::OpenOptions {
+        format: open_format(&a.common.format, file)?,
+        force_share: a.common.force_share,
+        ..Default::default()
+    };
+    let img = crate::formats::open(file, &opts)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let io_err = |e: std::io::Error| crate::Error::io(e, "stdout");
+    if json {
+        let _ = write!(out, "[");
+        let mut prev: Option<String> = None;
+        ops::map::map(img.as_ref(), start, max_len, |e| {
+            if let Some(p) = prev.take() {
+                writeln!(out, "{p},").map_err(io_err)?;
+            }
+            prev = Some(e.to_json_line());
+            Ok(())
+        })?;
+        if let Some(p) = prev {
+            write!(out, "{p}").map_err(io_err)?;
+        }
+        let _ = writeln!(out, "]");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
+        );
+        // qemu treats zero-data as plain zero in this format, which merges more runs
+        let mut cur: Option<ops::map::MapEntry> = None;
+        let print = |out: &mut dyn Write, e: &ops::map::MapEntry| -> crate::Result<()> {
+            if e.data && e.offset.is_none() {
+                return Err(crate::Error::unsupported(
+                    "File contains external, encrypted or compressed clusters.",
+                ));
+            }
+            if e.data && !e.zero {
+                writeln!(
+                    out,
+                    "{:<16}{:<16}{:<16}{}",
+                    hex(e.start),
+                    hex(e.length),
+                    hex(e.offset.unwrap_or(0)),
+                    e.filename.as_deref().unwrap_or("")
+                )
+                .map_err(io_err)?;
+            }
+            Ok(())
+        };
+        let r = ops::map::map(img.as_ref(), start, max_len, |e| {
+            let mut e = e.clone();
+            if !e.data || e.zero {
+                e.data = false;
+                e.zero = true;
+            }
+            match &mut cur {
+                Some(c)
+                    if c.zero
+                        && e.zero
+                        && c.depth == e.depth
+                        && c.present == e.present
+                        && c.compressed == e.compressed
+                        && c.offset.is_some() == e.offset.is_some()
+                        && c.filename == e.filename
+                        && c.offset.map(|o| o + c.length) == e.offset =>
+                {
+                    c.length += e.length
+                }
+                _ => {
+                    if let Some(c) = cur.take() {
+                        print(&mut out, &c)?;
+                    }
+                    cur = Some(e);
+                }
+            }
+            Ok(())
+        });
+        r?;
+        if let Some(c) = cur {
+            print(&mut out, &c)?;
+        }
+    }
+    Ok(0)
+}
+
+/// `%#x` as C prints it (0 stays `0`).
+fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+fn compare(argv: &[String]) -> VerbResult {
+    let a: CompareArgs = args::parse("compare", argv)?;
+    if a.files.len() != 2 {
+        return Err(CliError::Usage(
+            "Expecting two image file names".into(),
+            "compare",
+        ));
+    }
+    let open =
+        |file: &str, fmt: &Option<String>| -> Result<Box<dyn crate::BlockDriver>, CliError> {
+            let opts = crate::OpenOptions {
+                format: open_format(fmt, file)?,
+                force_share: a.force_share,
+                ..Default::default()
+            };
+            crate::formats::open(file, &opts).map_err(|e| {
+                eprintln!("{}: {}", prog(), e.message());
+                CliError::Exit(2)
+            })
+        };
+    let img1 = open(&a.files[0], &a.format1)?;
+    let img2 = open(&a.files[1], &a.format2)?;
+    let progress = Progress::new(a.progress && !a.quiet, false, 2.0);
+    progress.report(0, 1);
+    let cb = |d: u64, t: u64| progress.report(d, t);
+    let r = ops::compare::compare(img1.as_ref(), img2.as_ref(), a.strict, &cb);
+    let say = |m: &str| {
+        if !a.quiet {
+            println!("{m}");
+        }
+    };
+    use ops::compare::CompareResult as R;
+    let code = match r {
+        Ok(R::Identical { size_mismatch }) => {
+            if size_mismatch {
+                say("Warning: Image size mismatch!");
+            }
+            say("Images are identical.");
+            Ok(0)
+        }
+        Ok(R::Mismatch {
+            offset,
+            size_mismatch,
+        }) => {
+            if size_mismatch {
+                say("Warning: Image size mismatch!");
+            }
+            say(&format!("Content mismatch at offset {offset}!"));
+            Ok(1)
+        }
+        Ok(R::StrictSizeMismatch) => {
+            say("Strict mode: Image size mismatch!");
+            Ok(1)
+        }
+        Ok(R::StrictStatusMismatch(off)) => {
+            say(&format!("Strict mode: Offset {off} block status mismatch!"));
+            Ok(1)
+        }
+        Err(e) => {
+            eprintln!("{}: {}", prog(), e.message());
+            Ok(if e.message().starts_with("Error while reading") {
+                4
+            } else {
+                3
+            })
+        }
+    };
+    progress.finish();
+    code
+}
+
+fn resize(argv: &[String]) -> VerbResult {
+    // The size is always the last argument, so that `-1G` is not taken for an option.
+    let expecting = || CliError::Usage("Expecting image file name and size".into(), "resize");
+    let Some((size, rest)) = argv.split_last() else {
+        return Err(expecting());
+    };
+    let a: ResizeArgs = args::parse("resize", rest)?;
+    if let Some(p) = &a.preallocation {
+        if !["off", "metadata", "falloc", "full"].contains(&p.as_str()) {
+            return Err(CliError::Msg(format!("Invalid preallocation mode '{p}'")));
+        }
+    }
+    if a.files.len() != 1 {
+        return Err(expecting());
+    }
+    let (ctor, num): (fn(u64) -> ops::resize::SizeChange, &str) = match size.as_bytes().first() {
+        Some(b'+') => (ops::resize::SizeChange::Grow, &size[1..]),
+        Some(b'-') => (ops::resize::SizeChange::Shrink, &size[1..]),
+        _ => (ops::resize::SizeChange::Absolute, size.as_str()),
+    };
+    let n = parse_size(num).map_err(|_| {
+        CliError::Msg("Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.".into())
+    })?;
+    let file = &a.files[0];
+    let opts = ops::resize::ResizeOptions {
+        format: open_format(&a.format, file)?,
+        prealloc: a.preallocation.clone(),
+        shrink: a.shrink,
+    };
+    match ops::resize::resize(file, ctor(n), &opts) {
+        Ok(_) => {
+            if !a.quiet {
+                println!("Image resized.");
+            }
+            Ok(0)
+        }
+        Err(e) if e.message().starts_with("Use the --shrink") => {
+            eprintln!("{}: {}", prog(), e.message());
+            eprintln!("{}: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.", prog());
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn dd(argv: &[String]) -> VerbResult {
+    let a: DdArgs = args::parse("dd", argv)?;
+    let mut o = ops::dd::DdOptions {
+        input: String::new(),
+        output: String::new(),
+        input_format: None,
+        output_format: Format::Raw,
+        block_size: 512,
+        count: None,
+        skip: None,
+        force_share: a.force_share,
+    };
+    let (mut have_if, mut have_of) = (false, false);
+    for op in &a.operands {
+        let Some((k, v)) = op.split_once('=') else {
+            return Err(CliError::Msg(format!("unrecognized operand {op}")));
+        };
+        match k {
+            "bs" => o.block_size = cvtnum_full("bs", v, 1, i32::MAX as u64)?,
+            "count" => o.count = Some(cvtnum("count", v)?),
+            "skip" => o.skip = Some(cvtnum("skip", v)?),
+            "if" => {
+                o.input = v.to_string();
+                have_if = true;
+            }
+            "of" => {
+                o.output = v.to_string();
+                have_of = true;
+            }
+            _ => return Err(CliError::Msg(format!("unrecognized operand {k}"))),
+        }
+    }
+    if !(have_if && have_of) {
+        return Err(CliError::Msg(
+            "Must specify both input and output files".into(),
+        ));
+    }
+    o.input_format = open_format(&a.format, &o.input)?;
+    // the input is opened before the output format is looked at
+    if let Some(f) = &a.output_format {
+        if Format::from_name(f).is_err() {
+            crate::formats::open(
+                &o.input,
+                &crate::OpenOptions {
+                    format: o.input_format,
+                    force_share: o.force_share,
+                    ..Default::default()
+                },
+            )?;
+            return Err(CliError::Msg("Unknown file format".into()));
+        }
+        o.output_format = parse_format(f)?;
+    }
+    let r = ops::dd::dd(&o)?;
+    if r.skipped_past_end {
+        eprintln!("{}: {}: cannot skip to specified offset", prog(), o.input);
+    }
+    Ok(0)
+}
+
+fn check(argv: &[String]) -> VerbResult {
+    let a: CheckArgs = args::parse("check", argv)?;
+    let repair = match a.repair.as_deref() {
+        None => None,
+        Some("leaks") => Some(crate::formats::RepairMode::Leaks),
+        Some("all") => Some(crate::formats::RepairMode::All),
+        Some(o) => {
+            return Err(CliError::Usage(
+                format!("--repair (-r) expects 'leaks' or 'all' not '{o}'"),
+                "check",
+            ))
+        }
+    };
+    if a.files.len() != 1 {
+        return Err(CliError::Usage(
+            "Expecting one image file name".into(),
+            "check",
+        ));
+    }
+    let json = parse_output(&a.common.output, "check")?;
+    let file = &a.files[0];
+    let opts = ops::check::CheckOptions {
+        format: open_format(&a.common.format, file)?,
+        repair,
+        force_share: a.common.force_share,
+    };
+    let out = match ops::check::check(file, &opts) {
+        Ok(o) => o,
+        Err(e) if ops::check::is_unsupported(&e) => {
+            eprintln!("{}: This image format does not support checks", prog());
+            return Ok(63);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for f in &out.first.findings {
+        eprintln!("{}", f.message);
+    }
+    let r = &out.last;
+    let quiet = a.quiet;
+    let mut text = String::new();
+    if json {
+        use crate::qjson::Obj;
+        let nz = |v: u64| if v != 0 { Some(v) } else { None };
+        let o = Obj::new()
+            .with("filename", file.as_str())
+            .with("format", out.format.name())
+            .with("check-errors", r.check_errors)
+            .with_opt("image-end-offset", nz(r.image_end_offset))
+            .with_opt("corruptions", nz(r.corruptions))
+            .with_opt("leaks", nz(r.leaks))
+            .with_opt("corruptions-fixed", nz(r.corruptions_fixed))
+            .with_opt("leaks-fixed", nz(r.leaks_fixed))
+            .with_opt("total-clusters", nz(r.total_clusters))
+            .with_opt("allocated-clusters", nz(r.allocated_clusters))
+            .with_opt("fragmented-clusters", nz(r.fragmented_clusters))
+            .with_opt("compressed-clusters", nz(r.compressed_clusters));
+        text = format!("{}\n", qjson::to_pretty(&Json::Obj(o)));
+    } else {
+        if out.repaired {
+            text.push_str(&format!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                r.leaks_fixed, r.corruptions_fixed
+            ));
+        }
+        if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+            text.push_str("No errors were found on the image.\n");
+        } else {
+            if r.corruptions > 0 {
+                text.push_str(&format!("\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n", r.corruptions));
+            }
+            if r.leaks > 0 {
+                text.push_str(&format!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n", r.leaks));
+            }
+            if r.check_errors > 0 {
+                text.push_str(&format!(
+                    "\n{} internal errors have occurred during the check.\n",
+                    r.check_errors
+                ));
+            }
+        }
+        if r.total_clusters != 0 && r.allocated_clusters != 0 {
+            text.push_str(&format!(
+                "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+                r.allocated_clusters,
+                r.total_clusters,
+                r.allocated_clusters as f64 * 100.0 / r.total_clusters as f64,
+                r.fragmented_clusters as f64 * 100.0 / r.allocated_clusters as f64,
+                r.compressed_clusters as f64 * 100.0 / r.allocated_clusters as f64
+            ));
+        }
+        if r.image_end_offset != 0 {
+            text.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
+        }
+    }
+    if !quiet {
+        print!("{text}");
+        let _ = std::io::stdout().flush();
+    }
+    if r.check_errors > 0 {
+        eprintln!("{}: Check failed", prog());
+        return Ok(1);
+    }
+    Ok(ops::check::exit_code(r))
+}
+
+fn measure(argv: &[String]) -> VerbResult {
+    let a: MeasureArgs = args::parse("measure", argv)?;
+    let json = parse_output(&a.common.output, "measure")?;
+    if a.files.len() > 1 {
+        return Err(CliError::Msg(
+            "At most one filename argument is allowed.".into(),
+        ));
+    }
+    let size = a
+        .size
+        .as_deref()
+        .map(|s| cvtnum("image size", s))
+        .transpose()?;
+    let file = a.files.first().cloned();
+    if file.is_none() && (a.image_opts || a.common.format.is_some() || a.snapshot.is_some()) {
+        return Err(CliError::Msg(
+            "--image-opts, -f, and -l require a filename argument.".into(),
+        ));
+    }
+    if file.is_some() && size.is_some() {
+        return Err(CliError::Msg(
+            "--size N cannot be used together with a filename.".into(),
+        ));
+    }
+    if file.is_none() && size.is_none() {
+        return Err(CliError::Msg(
+            "Either --size N or one filename must be specified.".into(),
+        ));
+    }
+    let source_format = match &file {
+        Some(f) => open_format(&a.common.format, f)?,
+        None => None,
+    };
+    if let Some(f) = &file {
+        // the source is opened before the target format is looked at
+        crate::formats::open(
+            f,
+            &crate::OpenOptions {
+                format: source_format,
+                force_share: a.common.force_share,
+                ..Default::default()
+            },
+        )?;
+    }
+    let tname = a.target_format.clone().unwrap_or_else(|| "raw".into());
+    let target_format = Format::from_name(&tname)
+        .map_err(|_| CliError::Msg(format!("Unknown file format '{tname}'")))?;
+    let opts = merge_opts(&a.options)?;
+    for (k, _) in opts.iter() {
+        let known = crate::formats::create_options(target_format)
+            .iter()
+            .chain(crate::formats::raw::PROTOCOL_OPTS)
+            .any(|d| d.name == k);
+        if !known {
+            return Err(CliError::Msg(format!(
+                "Invalid parameter '{k}'\n{}: Invalid options for file format '{tname}'",
+                prog()
+            )));
+        }
+    }
+    let m = ops::measure::measure(&ops::measure::MeasureOptions {
+        target_format,
+        opts,
+        size,
+        source: file,
+        source_format,
+        force_share: a.common.force_share,
+    })?;
+    if json {
+        let o = crate::qjson::Obj::new()
+            .with_opt("bitmaps", m.bitmaps)
+            .with("required", m.required)
+            .with("fully-allocated", m.fully_allocated);
+        println!("{}", qjson::to_pretty(&Json::Obj(o)));
+    } else {
+        println!("required size: {}", m.required);
+        println!("fully allocated size: {}", m.fully_allocated);
+        if let Some(b) = m.bitmaps {
+            println!("bitmaps size: {b}");
+        }
     }
     Ok(0)
 }

@@ -4,6 +4,7 @@
 //! [`open`] probes the format (like qemu-img) and opens backing chains; [`create`] makes a new
 //! image from `-o` options.
 
+pub mod measure;
 pub mod options;
 pub mod qcow2;
 pub mod raw;
@@ -14,8 +15,8 @@ use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::io::{FaultInjector, HostFile, HostOpenOptions, LockMode};
+use crate::error::{Error, Result};
+use crate::io::{FaultInjector, HostFile, HostOpenOptions, LockMode, LockSpec};
 use crate::qjson::{Json, Obj};
 pub use options::{CreateOpts, OptDesc, OptKind};
 
@@ -103,6 +104,17 @@ pub trait BlockDriver: Send + Sync {
     /// Where the guest range starting at `offset` lives, for as long as it stays the same
     /// kind: returns the mapping and its length (at least 1, at most `max_len`).
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)>;
+    /// For a `Data` run at `host_offset`, what the host file says where QEMU would ask it
+    /// (qcow2 with preallocated metadata): `Some((reads_as_zero, length))`, else `None`.
+    fn host_zero_status(&self, _host_offset: u64, _len: u64) -> Result<Option<(bool, u64)>> {
+        Ok(None)
+    }
+    /// For `Zero`/`Unallocated` runs: the host offset reserved for `offset` where there is
+    /// one (a preallocated qcow2 zero cluster, an unallocated subcluster of an allocated
+    /// cluster), which `qemu-img map` prints.
+    fn reserved_host_offset(&self, _offset: u64) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Reads the guest view: holes read as zero, backing resolved.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes guest data.
@@ -116,6 +128,21 @@ pub trait BlockDriver: Send + Sync {
             self.format()
         )))
     }
+    /// Compresses one cluster ahead of [`BlockDriver::write_compressed_data`], on any thread
+    /// and without taking the driver's locks, so that the copy engine compresses on every
+    /// core while it writes in order. `None`: compression only happens inside
+    /// `write_compressed`. `Some(None)`-like cases (data that does not shrink) are the
+    /// driver's business: it returns what `write_compressed_data` understands.
+    fn compress_cluster(&self, _buf: &[u8], _offset: u64) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Stores a cluster prepared by [`BlockDriver::compress_cluster`] for guest `offset`.
+    fn write_compressed_data(&self, _data: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Compression is not supported for image format '{}'",
+            self.format()
+        )))
+    }
     /// Deallocates a range (contents become unspecified but readable).
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes everything written so far durable.
@@ -124,12 +151,77 @@ pub trait BlockDriver: Send + Sync {
     fn backing(&self) -> Option<&dyn BlockDriver>;
     /// What `qemu-img info` reports of this image.
     fn info(&self) -> Result<ImageInfo>;
+    /// Changes the guest size. `prealloc` is `off`, `metadata`, `falloc` or `full` for the
+    /// new part. Shrinking drops everything past the new end (the caller asks for consent).
+    fn resize(&self, _new_size: u64, _prealloc: Option<&str>) -> Result<()> {
+        Err(Error::unsupported(
+            "Image format driver does not support resize",
+        ))
+    }
+    /// Checks the image's metadata (`qemu-img check`); with `repair`, fixes what it can.
+    /// Formats without checks answer `Unsupported`.
+    fn check(&self, _repair: Option<RepairMode>) -> Result<CheckReport> {
+        Err(Error::unsupported(
+            "This image format does not support checks",
+        ))
+    }
     /// Flushes and marks the image clean (the last call before dropping a written image).
     fn close(&self) -> Result<()> {
         self.flush()
     }
     /// Downcasting to the concrete driver for format-specific extras.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// What `check -r` may repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairMode {
+    /// Only leaked clusters (`-r leaks`).
+    Leaks,
+    /// Leaks and corruptions (`-r all`).
+    All,
+}
+
+/// One problem found by a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// A short kind: `leak`, `refcount-too-low`, `copied-flag`, `overlap`, ...
+    pub kind: String,
+    /// The host cluster concerned, where there is one.
+    pub cluster: Option<u64>,
+    /// A host or guest offset concerned, where there is one.
+    pub offset: Option<u64>,
+    /// The line qemu-img prints for it (e.g. `Leaked cluster 7 refcount=1 reference=0`).
+    pub message: String,
+    /// Was it repaired?
+    pub repaired: bool,
+}
+
+/// The result of a check, with qemu-img's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Internal errors during the check.
+    pub check_errors: u64,
+    /// Corruptions found (after a repair: the ones left).
+    pub corruptions: u64,
+    /// Leaked clusters found.
+    pub leaks: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// The end of the last used host cluster.
+    pub image_end_offset: u64,
+    /// Guest clusters.
+    pub total_clusters: u64,
+    /// Allocated guest clusters.
+    pub allocated_clusters: u64,
+    /// Allocated clusters not contiguous with their predecessor.
+    pub fragmented_clusters: u64,
+    /// Compressed clusters.
+    pub compressed_clusters: u64,
+    /// Each problem, in the order found.
+    pub findings: Vec<Finding>,
 }
 
 /// A snapshot as `qemu-img info` lists it.
@@ -306,6 +398,12 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Open files with O_DIRECT.
     pub direct: bool,
+    /// Metadata only (`info`): take no read permission, as qemu-img's `BDRV_O_NO_IO`.
+    pub no_io: bool,
+    /// Refuse other writers even on raw images (a consistent source for convert/commit).
+    pub exclusive: bool,
+    /// The size will change (resize): take QEMU's resize permission.
+    pub resize: bool,
     /// Fault injection for tests.
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -328,21 +426,39 @@ impl OpenOptions {
         self
     }
 
-    /// The host-file options for the image file itself.
+    /// The host-file options for the image file itself (locks come once the format is known).
     pub fn host(&self) -> HostOpenOptions {
         HostOpenOptions {
             write: self.write,
             create: false,
-            lock: if self.force_share {
-                LockMode::ForceShare
-            } else if self.write {
-                LockMode::Write
-            } else {
-                LockMode::Read
-            },
+            lock: LockMode::None,
             direct: self.direct,
             faults: self.faults.clone(),
         }
+    }
+
+    /// QEMU's lock bytes for an image of `format` opened this way: what qemu-img holds
+    /// (consistent read unless metadata only, write and resize for writers) and refuses to
+    /// share (formats with metadata never share write and resize of their file; raw does
+    /// only for an exclusive user).
+    pub fn lock_spec(&self, format: Format) -> LockSpec {
+        use crate::io::lock::{PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE};
+        let metadata = format != Format::Raw;
+        let mut held = if self.no_io { 0 } else { PERM_CONSISTENT_READ };
+        if self.write {
+            held |= PERM_WRITE;
+            if metadata || self.resize {
+                held |= PERM_RESIZE;
+            }
+        }
+        let unshared = if self.force_share {
+            0
+        } else if metadata || self.exclusive {
+            PERM_WRITE | PERM_RESIZE
+        } else {
+            0
+        };
+        LockSpec { held, unshared }
     }
 }
 
@@ -364,6 +480,8 @@ impl OpenCtx {
             opts: OpenOptions {
                 write: false,
                 format: None,
+                exclusive: false,
+                resize: false,
                 ..self.opts.clone()
             },
             chain: self.chain.clone(),
@@ -427,6 +545,8 @@ pub fn open_with_ctx(filename: &str, ctx: &OpenCtx) -> Result<Box<dyn BlockDrive
         }
     };
     ctx.probed = probed;
+    file.lock(opts.lock_spec(format))
+        .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
     let r = match format {
         Format::Raw => raw::open(file, filename, &ctx),
         Format::Qcow2 => qcow2::open(file, filename, &ctx),
@@ -434,7 +554,7 @@ pub fn open_with_ctx(filename: &str, ctx: &OpenCtx) -> Result<Box<dyn BlockDrive
         Format::Vdi => vdi::open(file, filename, &ctx),
     };
     r.map_err(|e| {
-        if e.kind() == ErrorKind::Locked || e.message().starts_with("Could not open") {
+        if e.message().starts_with("Could not open") {
             e
         } else {
             e.context(format!("Could not open '{filename}'"))
@@ -500,6 +620,27 @@ pub fn create(filename: &str, format: Format, opts: &CreateOpts) -> Result<()> {
         Format::Vmdk => vmdk::create(filename, opts),
         Format::Vdi => vdi::create(filename, opts),
     }
+}
+
+/// Resizes an open image and closes it. VMDK grows by rewriting its descriptor and grain
+/// directory, which it does on a fresh open of its own.
+pub fn resize_image(
+    img: Box<dyn BlockDriver>,
+    new_size: u64,
+    prealloc: Option<&str>,
+) -> Result<()> {
+    if img.format() == Format::Vmdk {
+        if prealloc.is_some_and(|p| p != "off") {
+            return Err(Error::unsupported(
+                "Preallocation is not supported for vmdk images",
+            ));
+        }
+        let name = img.filename().to_string();
+        drop(img);
+        return vmdk::resize(&name, new_size);
+    }
+    img.resize(new_size, prealloc)?;
+    img.close()
 }
 
 /// The `-o` options a format accepts when creating, in the order `-o help` lists them.

@@ -49,6 +49,7 @@ impl OptDesc {
 #[derive(Debug, Clone, Default)]
 pub struct CreateOpts {
     values: Vec<(String, String)>,
+    unsafe_backing: bool,
 }
 
 impl CreateOpts {
@@ -104,6 +105,16 @@ impl CreateOpts {
     /// All options in the order given.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// `create -u`: do not open the backing file (the size is given).
+    pub fn set_unsafe_backing(&mut self, v: bool) {
+        self.unsafe_backing = v;
+    }
+
+    /// Was `-u` given?
+    pub fn unsafe_backing(&self) -> bool {
+        self.unsafe_backing
     }
 
     /// Does the user ask for help (`-o help` or `-o ?`)?
@@ -197,9 +208,14 @@ fn parse_number(v: &str) -> Option<u64> {
     }
 }
 
-/// A size that does not parse or does not fit in 64 bits.
+/// Why a size did not parse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SizeError;
+pub enum SizeError {
+    /// Not a number with a known suffix.
+    Invalid,
+    /// Negative, or too large for 64 bits.
+    Range,
+}
 
 /// Parses a size like qemu's `qemu_strtosz`: a decimal number (a fraction allowed) or a hex
 /// integer, with an optional suffix B, k/K, M, G, T, P, E (powers of 1024). Bytes by default.
@@ -210,8 +226,14 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, SizeError> {
 /// Like [`parse_size`] with a unit for suffix-less numbers.
 pub fn parse_size_default(s: &str, default_unit: u64) -> std::result::Result<u64, SizeError> {
     let s = s.trim_start();
-    if s.is_empty() || s.starts_with('-') {
-        return Err(SizeError);
+    if let Some(neg) = s.strip_prefix('-') {
+        return match parse_size_default(neg, default_unit) {
+            Ok(_) | Err(SizeError::Range) => Err(SizeError::Range),
+            Err(e) => Err(e),
+        };
+    }
+    if s.is_empty() {
+        return Err(SizeError::Invalid);
     }
     let (num_part, suffix) = {
         let hex = s.starts_with("0x") || s.starts_with("0X");
@@ -234,41 +256,47 @@ pub fn parse_size_default(s: &str, default_unit: u64) -> std::result::Result<u64
         "T" | "t" => 1 << 40,
         "P" | "p" => 1 << 50,
         "E" | "e" => 1 << 60,
-        _ => return Err(SizeError),
+        _ => return Err(SizeError::Invalid),
     };
     if let Some(hex) = num_part
         .strip_prefix("0x")
         .or_else(|| num_part.strip_prefix("0X"))
     {
         if hex.is_empty() {
-            return Err(SizeError);
+            return Err(SizeError::Invalid);
         }
-        let v = u64::from_str_radix(hex, 16).map_err(|_| SizeError)?;
-        return v.checked_mul(unit).ok_or(SizeError);
+        let v = u64::from_str_radix(hex, 16).map_err(|_| SizeError::Invalid)?;
+        return v.checked_mul(unit).ok_or(SizeError::Range);
     }
     let (int_s, frac_s) = match num_part.split_once('.') {
         Some((i, f)) => (i, f),
         None => (num_part, ""),
     };
     if int_s.is_empty() && frac_s.is_empty() {
-        return Err(SizeError);
+        return Err(SizeError::Invalid);
     }
     if frac_s.contains('.') {
-        return Err(SizeError);
+        return Err(SizeError::Invalid);
     }
     let int: u64 = if int_s.is_empty() {
         0
     } else {
-        int_s.parse().map_err(|_| SizeError)?
+        int_s.parse().map_err(|_| {
+            if int_s.bytes().all(|b| b.is_ascii_digit()) {
+                SizeError::Range
+            } else {
+                SizeError::Invalid
+            }
+        })?
     };
-    let mut total = int.checked_mul(unit).ok_or(SizeError)?;
+    let mut total = int.checked_mul(unit).ok_or(SizeError::Range)?;
     if !frac_s.is_empty() {
         // fraction * unit, computed exactly enough for 19 digits of fraction
         let digits = &frac_s[..frac_s.len().min(18)];
-        let frac: u128 = digits.parse().map_err(|_| SizeError)?;
+        let frac: u128 = digits.parse().map_err(|_| SizeError::Invalid)?;
         let scale = 10u128.pow(digits.len() as u32);
         let part = frac * unit as u128 / scale;
-        total = total.checked_add(part as u64).ok_or(SizeError)?;
+        total = total.checked_add(part as u64).ok_or(SizeError::Range)?;
     }
     Ok(total)
 }
@@ -307,10 +335,10 @@ mod tests {
         assert_eq!(parse_size("1G"), Ok(1 << 30));
         assert_eq!(parse_size("512"), Ok(512));
         assert_eq!(parse_size("0x200"), Ok(512));
-        assert_eq!(parse_size("1Q"), Err(SizeError));
-        assert_eq!(parse_size("-1"), Err(SizeError));
-        assert_eq!(parse_size("16E"), Err(SizeError));
-        assert_eq!(parse_size(""), Err(SizeError));
+        assert_eq!(parse_size("1Q"), Err(SizeError::Invalid));
+        assert_eq!(parse_size("-1"), Err(SizeError::Range));
+        assert_eq!(parse_size("16E"), Err(SizeError::Range));
+        assert_eq!(parse_size(""), Err(SizeError::Invalid));
     }
 
     #[test]

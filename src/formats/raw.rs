@@ -4,6 +4,7 @@
 //! rounded up to a 512-byte sector, as QEMU reports it.
 
 use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::formats::{
@@ -49,7 +50,7 @@ const SECTOR: u64 = 512;
 pub struct RawDriver {
     file: HostFile,
     filename: String,
-    size: u64,
+    size: AtomicU64,
     probed: bool,
 }
 
@@ -65,7 +66,7 @@ pub fn open(file: HostFile, filename: &str, ctx: &OpenCtx) -> Result<Box<dyn Blo
     Ok(Box::new(RawDriver {
         file,
         filename: filename.to_string(),
-        size,
+        size: AtomicU64::new(size),
         probed: ctx.probed,
     }))
 }
@@ -76,12 +77,19 @@ impl RawDriver {
         &self.file
     }
 
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(Error::out_of_bounds(format!(
                 "{}: access at offset {} length {} is beyond the end of the image ({} bytes)",
-                self.filename, offset, len, self.size
+                self.filename,
+                offset,
+                len,
+                self.size()
             ))),
         }
     }
@@ -111,7 +119,7 @@ impl BlockDriver for RawDriver {
         &self.filename
     }
     fn virtual_size(&self) -> u64 {
-        self.size
+        self.size()
     }
     fn cluster_size(&self) -> Option<u64> {
         None
@@ -119,7 +127,7 @@ impl BlockDriver for RawDriver {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
         self.check_range(offset, 0)?;
-        let max_len = max_len.min(self.size - offset);
+        let max_len = max_len.min(self.size() - offset);
         if max_len == 0 {
             return Ok((Mapping::Zero { explicit: false }, 0));
         }
@@ -178,11 +186,23 @@ impl BlockDriver for RawDriver {
     }
 
     fn info(&self) -> Result<ImageInfo> {
-        let mut info = ImageInfo::new(&self.filename, Format::Raw, self.size);
+        let mut info = ImageInfo::new(&self.filename, Format::Raw, self.size());
         info.actual_size = Some(self.file.allocated_size()?);
         info.children
             .push(("file".to_string(), ImageInfo::file_node(&self.file)?));
         Ok(info)
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Option<&str>) -> Result<()> {
+        let mode = Prealloc::parse(prealloc, false)?.unwrap_or(Prealloc::Off);
+        let old = self.file.len()?;
+        if new_size < old {
+            self.file.set_len(new_size)?;
+        } else {
+            preallocate(&self.file, old, new_size, mode)?;
+        }
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -40,7 +40,22 @@ pub enum LockMode {
     Write,
 }
 
+/// The permissions a user holds and those it refuses to share, as QEMU computes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LockSpec {
+    /// Permissions held (lock bytes 100+n).
+    pub held: u32,
+    /// Permissions not shared with others (lock bytes 200+n).
+    pub unshared: u32,
+}
+
 impl LockMode {
+    /// The lock bytes of this mode.
+    pub fn spec(self) -> LockSpec {
+        let (held, unshared) = self.perms();
+        LockSpec { held, unshared }
+    }
+
     fn perms(self) -> (u32, u32) {
         // (held, not shared)
         match self {
@@ -91,7 +106,12 @@ fn is_locked_by_other(file: &File, byte: i64) -> bool {
 /// Applies QEMU's lock bytes for `mode` on `file` and checks that nobody conflicts.
 /// `display` is the file name used in the error message.
 pub fn lock_image(file: &File, mode: LockMode, display: &str) -> Result<()> {
-    let (held, unshared) = mode.perms();
+    lock_spec(file, mode.spec(), display)
+}
+
+/// Applies QEMU's lock bytes for `spec` on `file` and checks that nobody conflicts.
+pub fn lock_spec(file: &File, spec: LockSpec, display: &str) -> Result<()> {
+    let LockSpec { held, unshared } = spec;
     if held == 0 && unshared == 0 {
         return Ok(());
     }
@@ -105,21 +125,35 @@ pub fn lock_image(file: &File, mode: LockMode, display: &str) -> Result<()> {
             return Ok(());
         }
     }
-    let locked = |what: String| {
-        Error::new(
+    // A conflicting lock can be held for an instant by a child process that a
+    // multi-threaded program is forking (the child shares our open file descriptions
+    // until it execs): look again a few times before calling it a conflict.
+    for _ in 0..10 {
+        if first_conflict(file, held, unshared).is_none() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    match first_conflict(file, held, unshared) {
+        None => Ok(()),
+        Some(what) => Err(Error::new(
             ErrorKind::Locked,
             format!("Failed to get {what} lock\nIs another process using the image [{display}]?"),
-        )
-    };
+        )),
+    }
+}
+
+/// The first conflicting permission, worded as in QEMU's message.
+fn first_conflict(file: &File, held: u32, unshared: u32) -> Option<String> {
     for (bit, name) in PERM_NAMES.iter().enumerate() {
         if held & (1 << bit) != 0 && is_locked_by_other(file, SHARED_BASE + bit as i64) {
-            return Err(locked(format!("\"{name}\"")));
+            return Some(format!("\"{name}\""));
         }
     }
     for (bit, name) in PERM_NAMES.iter().enumerate() {
         if unshared & (1 << bit) != 0 && is_locked_by_other(file, PERM_BASE + bit as i64) {
-            return Err(locked(format!("shared \"{name}\"")));
+            return Some(format!("shared \"{name}\""));
         }
     }
-    Ok(())
+    None
 }

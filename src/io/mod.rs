@@ -8,14 +8,14 @@ pub mod fault;
 pub mod lock;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 pub use fault::FaultInjector;
-pub use lock::LockMode;
+pub use lock::{LockMode, LockSpec};
 
 /// How to open a host file.
 #[derive(Debug, Clone)]
@@ -26,7 +26,8 @@ pub struct HostOpenOptions {
     pub create: bool,
     /// QEMU lock mode to apply.
     pub lock: LockMode,
-    /// Bypass the page cache (O_DIRECT).
+    /// Keep the page cache out of it (`cache=none`). Done with fadvise(DONTNEED) after
+    /// flushes rather than O_DIRECT, so that buffers need no alignment.
     pub direct: bool,
     /// Optional fault injector (tests).
     pub faults: Option<Arc<FaultInjector>>,
@@ -67,6 +68,7 @@ pub struct HostFile {
     path: PathBuf,
     display: String,
     writable: bool,
+    direct: bool,
     faults: Option<Arc<FaultInjector>>,
 }
 
@@ -85,9 +87,6 @@ impl HostFile {
             // open must survive a failed create, as with qemu-img.
             oo.create(true).truncate(false);
         }
-        if opts.direct {
-            oo.custom_flags(libc::O_DIRECT);
-        }
         let file = oo
             .open(path)
             .map_err(|e| Error::io(e, format!("Could not open '{display}'")))?;
@@ -101,6 +100,7 @@ impl HostFile {
             path: path.to_path_buf(),
             display,
             writable: opts.write || opts.create,
+            direct: opts.direct,
             faults: opts.faults.clone(),
         })
     }
@@ -203,6 +203,11 @@ impl HostFile {
         Ok(self.len()? == 0)
     }
 
+    /// Takes QEMU's lock bytes for `spec` (after the format is known), refusing conflicts.
+    pub fn lock(&self, spec: LockSpec) -> Result<()> {
+        lock::lock_spec(&self.file, spec, &self.display)
+    }
+
     /// Bytes actually allocated on the host (st_blocks * 512), like `du`.
     pub fn allocated_size(&self) -> Result<u64> {
         self.file
@@ -232,7 +237,19 @@ impl HostFile {
         }
         self.file
             .sync_data()
-            .map_err(|e| Error::io(e, format!("{}: flush failed", self.display)))
+            .map_err(|e| Error::io(e, format!("{}: flush failed", self.display)))?;
+        if self.direct {
+            self.drop_cache();
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to drop this file's cached pages (best effort).
+    pub fn drop_cache(&self) {
+        // SAFETY: posix_fadvise on a valid fd.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
     }
 
     fn lseek(&self, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {

@@ -13,8 +13,9 @@ pub struct ConvertOptions {
     pub source_format: Option<Format>,
     /// Target image.
     pub target: String,
-    /// Target format (`-O`, default raw).
-    pub target_format: Format,
+    /// Target format name (`-O`, default raw); checked after the sources are open, as
+    /// qemu-img does.
+    pub target_format: String,
     /// Target `-o` options.
     pub target_opts: CreateOpts,
     /// `-c`
@@ -39,6 +40,8 @@ pub struct ConvertOptions {
     pub salvage: bool,
     /// `-r` in bytes per second.
     pub rate: Option<u64>,
+    /// `-C`: copy offloading; like qemu-img, every byte is copied (no sparse detection).
+    pub copy_range: bool,
     /// `-T none`
     pub src_direct: bool,
     /// `-t none`
@@ -52,7 +55,7 @@ impl ConvertOptions {
             sources,
             source_format: None,
             target,
-            target_format: Format::Raw,
+            target_format: "raw".to_string(),
             target_opts: CreateOpts::new(),
             compress: false,
             no_create: false,
@@ -65,6 +68,7 @@ impl ConvertOptions {
             out_of_order: false,
             salvage: false,
             rate: None,
+            copy_range: false,
             src_direct: false,
             tgt_direct: false,
         }
@@ -93,36 +97,90 @@ pub fn convert(
             format: opts.source_format,
             force_share: opts.force_share,
             direct: opts.src_direct,
+            exclusive: true,
             ..OpenOptions::default()
         };
         srcs.push(formats::open(name, &o)?);
     }
     let total: u64 = srcs.iter().map(|s| s.virtual_size()).sum();
+    let target_format = Format::from_name(&opts.target_format)
+        .map_err(|_| Error::invalid_arg(format!("Unknown file format '{}'", opts.target_format)))?;
     let mut topts = opts.target_opts.clone();
+    let accepted = |k: &str| {
+        formats::create_options(target_format)
+            .iter()
+            .chain(formats::raw::PROTOCOL_OPTS)
+            .any(|d| d.name == k)
+    };
+    if !opts.no_create {
+        for (k, _) in topts.iter() {
+            if !accepted(k) {
+                return Err(Error::invalid_arg(format!("Invalid parameter '{k}'")));
+            }
+        }
+        topts.set("size", &total.to_string());
+        if let Some(b) = &opts.backing {
+            if !accepted("backing_file") {
+                return Err(Error::invalid_arg(format!(
+                    "Backing file not supported for file format '{target_format}'"
+                )));
+            }
+            topts.set("backing_file", b);
+        }
+        if let Some(f) = &opts.backing_format {
+            if !accepted("backing_fmt") {
+                return Err(Error::invalid_arg(format!(
+                    "Backing file format not supported for file format '{target_format}'"
+                )));
+            }
+            topts.set("backing_fmt", f);
+        }
+    }
+    let backing = topts.get("backing_file").map(str::to_string);
+    if opts.target_is_zero && backing.is_some() {
+        return Err(Error::invalid_arg(
+            "Cannot use --target-is-zero when the destination image has a backing file",
+        ));
+    }
+    if srcs.len() > 1 && backing.is_some() {
+        return Err(Error::invalid_arg(
+            "Having a backing file for the target makes no sense when concatenating multiple input images",
+        ));
+    }
+    if backing.is_some() && topts.get("backing_fmt").is_none() {
+        return Err(Error::invalid_arg(
+            "Use of backing file requires explicit backing format",
+        ));
+    }
     if opts.compress {
-        // qemu refuses compression for formats without it before creating anything
-        if !matches!(opts.target_format, Format::Qcow2 | Format::Vmdk) {
+        if !matches!(target_format, Format::Qcow2 | Format::Vmdk) {
             return Err(Error::unsupported(
                 "Compression not supported for this file format",
             ));
         }
-    }
-    if let Some(b) = &opts.backing {
-        topts.set("backing_file", b);
-        if let Some(f) = &opts.backing_format {
-            topts.set("backing_fmt", f);
+        if topts.get("preallocation").is_some_and(|p| p != "off") {
+            return Err(Error::invalid_arg(
+                "Compression and preallocation not supported at the same time",
+            ));
         }
     }
     if !opts.no_create {
-        if topts.get("size").is_none() {
-            topts.set("size", &total.to_string());
-        }
-        formats::create(&opts.target, opts.target_format, &topts)?;
+        formats::create(&opts.target, target_format, &topts).map_err(|e| {
+            let msg = e
+                .message()
+                .strip_prefix(&format!("{}: ", opts.target))
+                .unwrap_or(e.message())
+                .to_string();
+            e.with_message(format!(
+                "{}: error while converting {}: {msg}",
+                opts.target, target_format
+            ))
+        })?;
     }
     let tgt = formats::open(
         &opts.target,
         &OpenOptions {
-            format: Some(opts.target_format),
+            format: Some(target_format),
             write: true,
             direct: opts.tgt_direct,
             no_backing: true,
@@ -130,28 +188,21 @@ pub fn convert(
         },
     )?;
     if opts.no_create && tgt.virtual_size() < total {
-        return Err(Error::invalid_arg(format!(
-            "Target image is too small ({} < {})",
-            tgt.virtual_size(),
-            total
-        )));
+        return Err(Error::invalid_arg("output file is smaller than input file"));
     }
     let mut sources = Vec::new();
     let mut off = 0u64;
     for s in &srcs {
-        sources.push(Source {
-            img: s.as_ref(),
-            target_offset: off,
-        });
+        sources.push(Source::whole(s.as_ref(), off));
         off += s.virtual_size();
     }
     let params = CopyParams {
         sources,
         target: tgt.as_ref(),
         target_is_zero: !opts.no_create || opts.target_is_zero,
-        top_only: opts.backing.is_some(),
-        target_has_backing: opts.backing.is_some(),
-        sparse_size: opts.sparse_size,
+        top_only: backing.is_some(),
+        target_has_backing: backing.is_some(),
+        sparse_size: if opts.copy_range { 0 } else { opts.sparse_size },
         compress: opts.compress,
         cluster_size: tgt.cluster_size().unwrap_or(512),
         workers: opts.workers,
@@ -159,6 +210,7 @@ pub fn convert(
         salvage: opts.salvage,
         progress,
         rate: opts.rate,
+        dense: opts.copy_range,
     };
     let stats = engine::copy(&params)?;
     tgt.close()?;

@@ -24,6 +24,7 @@ impl CreateRequest {
     pub fn resolve(&self) -> Result<CreateOpts> {
         let name = &self.filename;
         let mut opts = self.options.clone();
+        opts.set_unsafe_backing(self.unsafe_backing);
         if let Some(size) = self.size {
             opts.set("size", &size.to_string());
         }
@@ -69,14 +70,15 @@ impl CreateRequest {
             Some(f) => Some(Format::from_name(f).map_err(|e| e.context(name))?),
             None => None,
         };
-        let needs_open = !self.unsafe_backing || opts.get("size").is_none();
+        let needs_open = !self.unsafe_backing;
         let o = OpenOptions {
             format: fmt,
             no_backing: true,
+            no_io: true,
             force_share: true,
             ..OpenOptions::default()
         };
-        let opened = if needs_open || fmt.is_none() {
+        let opened = if needs_open {
             Some(formats::open(&full, &o))
         } else {
             None

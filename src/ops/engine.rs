@@ -58,12 +58,28 @@ pub fn chain_status(
     }
 }
 
-/// One source of a copy: an image and where its bytes land in the target.
+/// One source of a copy: a range of an image and where it lands in the target.
 pub struct Source<'a> {
     /// The image.
     pub img: &'a dyn BlockDriver,
-    /// Offset in the target of the source's byte 0.
+    /// First byte of the image to copy.
+    pub start: u64,
+    /// Bytes to copy.
+    pub len: u64,
+    /// Offset in the target of the source's byte `start`.
     pub target_offset: u64,
+}
+
+impl<'a> Source<'a> {
+    /// The whole image, landing at `target_offset`.
+    pub fn whole(img: &'a dyn BlockDriver, target_offset: u64) -> Self {
+        Source {
+            img,
+            start: 0,
+            len: img.virtual_size(),
+            target_offset,
+        }
+    }
 }
 
 /// How to copy.
@@ -94,6 +110,8 @@ pub struct CopyParams<'a> {
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
     /// Bytes per second limit, if any.
     pub rate: Option<u64>,
+    /// Read and write every byte, zeroes and holes included (`dd`).
+    pub dense: bool,
 }
 
 /// What a copy did.
@@ -124,7 +142,7 @@ pub const CHUNK: u64 = 2 << 20;
 pub fn copy(p: &CopyParams) -> Result<CopyStats> {
     let cluster = p.cluster_size.max(512);
     let chunk = CHUNK.max(cluster).div_ceil(cluster) * cluster;
-    let total: u64 = p.sources.iter().map(|s| s.img.virtual_size()).sum();
+    let total: u64 = p.sources.iter().map(|s| s.len).sum();
     let workers = p.workers.clamp(1, 64);
 
     let next_write = Mutex::new(0u64);
@@ -183,19 +201,23 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
         let plan = || -> Result<()> {
             let mut seq = 0u64;
             for (si, s) in p.sources.iter().enumerate() {
-                let size = s.img.virtual_size();
-                let mut off = 0u64;
+                let size = s.start + s.len;
+                let mut off = s.start;
                 while off < size {
                     if failed.load(Ordering::SeqCst) {
                         return Ok(());
                     }
-                    let (status, len) = chain_status(s.img, off, size - off, p.top_only)?;
+                    let (status, len) = if p.dense {
+                        (Status::Data, size - off)
+                    } else {
+                        chain_status(s.img, off, size - off, p.top_only)?
+                    };
                     let len = len.min(size - off);
                     let mut pos = off;
                     let end = off + len;
                     while pos < end {
                         // Data items stop at chunk boundaries of the target offset.
-                        let t = s.target_offset + pos;
+                        let t = s.target_offset + (pos - s.start);
                         let n = match status {
                             Status::Data => (chunk - t % chunk).min(end - pos),
                             _ => end - pos,
@@ -249,6 +271,8 @@ enum Op {
     Write(u64, std::ops::Range<usize>),
     Zero(u64, u64),
     Compressed(u64, std::ops::Range<usize>),
+    /// Compressed by the worker already (the driver's `compress_cluster`).
+    Prepared(u64, Vec<u8>, u64),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -262,7 +286,7 @@ fn process(
     stats: &Mutex<CopyStats>,
 ) -> Result<()> {
     let src = &p.sources[item.src];
-    let toff = src.target_offset + item.offset;
+    let toff = src.target_offset + (item.offset - src.start);
     let mut ops: Vec<Op> = Vec::new();
     let mut st = CopyStats::default();
     let need_zero_writes = !p.target_is_zero || p.target_has_backing;
@@ -303,7 +327,11 @@ fn process(
                             ops.push(Op::Zero(toff + pos as u64, len as u64));
                         }
                     } else if in_cluster == 0 {
-                        ops.push(Op::Compressed(toff + pos as u64, pos..pos + len));
+                        let off = toff + pos as u64;
+                        match p.target.compress_cluster(part, off)? {
+                            Some(data) => ops.push(Op::Prepared(off, data, len as u64)),
+                            None => ops.push(Op::Compressed(off, pos..pos + len)),
+                        }
                     } else {
                         ops.push(Op::Write(toff + pos as u64, pos..pos + len));
                     }
@@ -341,6 +369,10 @@ fn process(
                 Op::Compressed(off, r) => {
                     p.target.write_compressed(&buf[r.clone()], *off)?;
                     st.bytes_written += (r.end - r.start) as u64;
+                }
+                Op::Prepared(off, data, len) => {
+                    p.target.write_compressed_data(data, *off)?;
+                    st.bytes_written += len;
                 }
                 Op::Zero(off, len) => {
                     p.target.write_zeroes(*off, *len, !p.target_has_backing)?;

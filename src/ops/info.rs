@@ -38,6 +38,7 @@ pub fn info(filename: &str, opts: &InfoOptions) -> Result<Vec<ImageInfo>> {
             format,
             force_share: opts.force_share,
             no_backing: true,
+            no_io: true,
             ..OpenOptions::default()
         };
         let img = formats::open(&name, &open_opts)?;

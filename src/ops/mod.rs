@@ -1,6 +1,12 @@
 //! One module per command. Each works on `dyn BlockDriver` and is a library call.
 
+pub mod check;
+pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod dd;
 pub mod engine;
 pub mod info;
+pub mod map;
+pub mod measure;
+pub mod resize;

@@ -192,3 +192,34 @@ pub fn same_as_qemu(dir: &Path, args: &[&str]) -> Output {
     );
     d
 }
+
+/// Runs `args` with qemu-img on copies of `files` (from `base`) in `base/q`, and with diskit
+/// (named qemu-img) on other copies in `base/d`; asserts equal output and exit code, and
+/// that each file has the same guest content afterwards (compared by qemu-img as raw).
+/// Returns (qemu dir, diskit dir).
+pub fn same_effect_as_qemu(base: &Path, files: &[&str], args: &[&str]) -> (PathBuf, PathBuf) {
+    let qd = base.join("q");
+    let dd = base.join("d");
+    for dir in [&qd, &dd] {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        for f in files {
+            std::fs::copy(base.join(f), dir.join(f)).unwrap();
+        }
+    }
+    let q = qemu_img(&qd, args);
+    let d = diskit_as_qemu(&dd, args);
+    assert_eq!(stderr(&d), stderr(&q), "stderr differs for {args:?}");
+    assert_eq!(stdout(&d), stdout(&q), "stdout differs for {args:?}");
+    assert_eq!(
+        d.status.code(),
+        q.status.code(),
+        "exit code differs for {args:?}"
+    );
+    for f in files {
+        let a = qemu_raw(&qd, f, None);
+        let b = qemu_raw(&dd, f, None);
+        assert!(a == b, "content of {f} differs after {args:?}");
+    }
+    (qd, dd)
+}

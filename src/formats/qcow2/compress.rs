@@ -1,0 +1,113 @@
+//! Compressed clusters: raw deflate with a 4 KiB window, or zstd.
+
+use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
+
+use super::header::Compression;
+use crate::error::{Error, Result};
+
+/// Decodes exactly `out.len()` bytes from `input`; the input may carry trailing padding.
+pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> Result<()> {
+    match kind {
+        Compression::Zlib => {
+            let mut d = Decompress::new(false);
+            loop {
+                let before_out = d.total_out();
+                let before_in = d.total_in();
+                let st = d
+                    .decompress(
+                        &input[d.total_in() as usize..],
+                        &mut out[d.total_out() as usize..],
+                        FlushDecompress::Finish,
+                    )
+                    .map_err(|e| {
+                        Error::corrupt(format!("compressed cluster: inflate failed: {e}"))
+                    })?;
+                if d.total_out() as usize == out.len() {
+                    return Ok(());
+                }
+                match st {
+                    Status::StreamEnd => break,
+                    _ if d.total_out() == before_out && d.total_in() == before_in => break,
+                    _ => {}
+                }
+            }
+            Err(Error::corrupt(
+                "compressed cluster: deflate stream ends before a whole cluster",
+            ))
+        }
+        Compression::Zstd => {
+            let mut d = zstd::stream::raw::Decoder::new()
+                .map_err(|e| Error::corrupt(format!("zstd: {e}")))?;
+            use zstd::stream::raw::Operation;
+            let mut in_pos = 0usize;
+            let mut out_pos = 0usize;
+            while out_pos < out.len() {
+                let mut ib = zstd::stream::raw::InBuffer::around(&input[in_pos..]);
+                let mut ob = zstd::stream::raw::OutBuffer::around(&mut out[out_pos..]);
+                let hint = d
+                    .run(&mut ib, &mut ob)
+                    .map_err(|e| Error::corrupt(format!("compressed cluster: zstd: {e}")))?;
+                let (ip, op) = (ib.pos(), ob.pos());
+                in_pos += ip;
+                out_pos += op;
+                if out_pos == out.len() {
+                    break;
+                }
+                if (ip == 0 && op == 0) || hint == 0 && in_pos >= input.len() {
+                    return Err(Error::corrupt(
+                        "compressed cluster: zstd stream ends before a whole cluster",
+                    ));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Compresses one cluster; `None` if the result would not be smaller than `max_len`.
+pub fn compress(kind: Compression, input: &[u8], max_len: usize) -> Result<Option<Vec<u8>>> {
+    match kind {
+        Compression::Zlib => {
+            let mut c = Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = vec![0u8; max_len];
+            let st = c
+                .compress(input, &mut out, FlushCompress::Finish)
+                .map_err(|e| Error::invalid_arg(format!("deflate failed: {e}")))?;
+            if st != Status::StreamEnd {
+                return Ok(None);
+            }
+            out.truncate(c.total_out() as usize);
+            Ok(Some(out))
+        }
+        Compression::Zstd => {
+            let out = zstd::bulk::compress(input, 0)
+                .map_err(|e| Error::invalid_arg(format!("zstd failed: {e}")))?;
+            if out.len() >= max_len {
+                return Ok(None);
+            }
+            Ok(Some(out))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_with_padding() {
+        let mut data = vec![0u8; 65536];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8 ^ (i / 5000) as u8;
+        }
+        for kind in [Compression::Zlib, Compression::Zstd] {
+            let mut c = compress(kind, &data, 65536).unwrap().unwrap();
+            c.extend_from_slice(&[0xAAu8; 700]);
+            let mut out = vec![0u8; 65536];
+            decompress(kind, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+            let mut short = vec![0u8; 65536];
+            assert!(decompress(kind, &c[..c.len() / 3], &mut short).is_err());
+        }
+    }
+}
