@@ -310,7 +310,9 @@ def bench_scenario(sc, d, diskit, runs, verify, rates, manifest):
             if code != 0:
                 remove(os.path.join(d, out))
                 if tool == "diskit":
-                    res["note"] = "diskit failed (driver not landed?): " + first_line(err)
+                    why = first_line(err)
+                    hint = " (driver not landed?)" if "not implemented" in why else ""
+                    res["note"] = "diskit failed%s: %s" % (hint, why)
                 else:
                     res["note"] = "%s failed: %s" % (tool, first_line(err))
                 return res
