@@ -49,6 +49,8 @@ fn guarded(what: &str, f: impl FnOnce() + Send + 'static) {
 /// Writes `data` to `path`, opens it (format forced or probed) and exercises it. Returns
 /// whether it opened.
 fn exercise(path: &Path, data: &[u8], format: Option<Format>, what: &str) -> bool {
+    // a new file each time: rewriting a truncated file makes ext4 flush it on close
+    let _ = std::fs::remove_file(path);
     std::fs::write(path, data).unwrap();
     let p = path.to_str().unwrap().to_string();
     let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
