@@ -80,7 +80,6 @@ fn convert_flags_give_qemu_img_content_and_allocation() {
         &["-t", "none", "-T", "none"],
         &["-r", "1G"],
         &["-q"],
-        &["-p"],
     ] {
         let mut args = vec!["convert", "-f", "raw", "-O", "raw"];
         args.extend_from_slice(flags);
@@ -93,6 +92,16 @@ fn convert_flags_give_qemu_img_content_and_allocation() {
         );
         assert_eq!(map(&q), map(&k), "allocation differs with {flags:?}");
     }
+    // -p: qemu-img's progress lines (how many depends on timing; the first and last do not)
+    let out = ok(diskit(
+        d,
+        &[
+            "convert", "-p", "-f", "raw", "-O", "raw", "src.raw", "p.raw",
+        ],
+    ));
+    let text = stdout(&out);
+    assert!(text.starts_with("    (0.00/100%)\r"), "{text:?}");
+    assert!(text.ends_with("    (100.00/100%)\r\n"), "{text:?}");
     // -n onto an existing, larger target: content copied, tail kept
     std::fs::write(d.join("big.raw"), pattern(20 << 20, 9)).unwrap();
     let (q, k) = same_effect_as_qemu(

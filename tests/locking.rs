@@ -22,6 +22,18 @@ fn locks_on(path: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
+/// Waits until no lock is left on `path`. A child process that another test thread is
+/// spawning holds copies of our open files (and so their locks) until it execs.
+fn wait_unlocked(path: &std::path::Path) -> bool {
+    for _ in 0..400 {
+        if locks_on(path).is_empty() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
+}
+
 /// Starts qemu-io on `image` (read-write unless `ro`) and waits until it holds its locks.
 fn hold(dir: &std::path::Path, fmt: &str, image: &str, ro: bool) -> std::process::Child {
     let mut args = vec!["-f", fmt];
@@ -107,7 +119,7 @@ fn lock_bytes_match_qemu_img() {
     held.sort();
     assert_eq!(held, vec![100, 101, 103]);
     drop(img);
-    assert!(locks_on(&path).is_empty());
+    assert!(wait_unlocked(&path));
     // A consistent reader (convert source) unshares write and resize.
     let opts = diskit::OpenOptions {
         format: Some(diskit::Format::Raw),

@@ -7,6 +7,7 @@
 mod args;
 pub mod human;
 mod progress;
+mod qverbs;
 mod verbs;
 
 use std::sync::OnceLock;

@@ -34,6 +34,8 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "dd" => dd(rest),
         "resize" => resize(rest),
         "compare" => compare(rest),
+        "snapshot" => super::qverbs::snapshot(rest),
+        "amend" => super::qverbs::amend(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -665,13 +667,19 @@ fn check(argv: &[String]) -> VerbResult {
     for f in &out.first.findings {
         eprintln!("{}", f.message);
     }
+    if out.repaired {
+        // qemu-img prints what the double check finds too
+        for f in &out.last.findings {
+            eprintln!("{}", f.message);
+        }
+    }
     let r = &out.last;
     let quiet = a.quiet;
     let mut text = String::new();
     if json {
         use crate::qjson::Obj;
         let nz = |v: u64| if v != 0 { Some(v) } else { None };
-        let o = Obj::new()
+        let mut o = Obj::new()
             .with("filename", file.as_str())
             .with("format", out.format.name())
             .with("check-errors", r.check_errors)
@@ -684,6 +692,24 @@ fn check(argv: &[String]) -> VerbResult {
             .with_opt("allocated-clusters", nz(r.allocated_clusters))
             .with_opt("fragmented-clusters", nz(r.fragmented_clusters))
             .with_opt("compressed-clusters", nz(r.compressed_clusters));
+        // diskit's extra: what was found, beside qemu's fields
+        let found: Vec<Json> = out
+            .first
+            .findings
+            .iter()
+            .filter(|f| f.cluster.is_some() || f.offset.is_some())
+            .map(|f| {
+                Json::Obj(
+                    Obj::new()
+                        .with("kind", f.kind.as_str())
+                        .with_opt("cluster", f.cluster)
+                        .with_opt("offset", f.offset),
+                )
+            })
+            .collect();
+        if !found.is_empty() {
+            o.push("findings", found);
+        }
         text = format!("{}\n", qjson::to_pretty(&Json::Obj(o)));
     } else {
         if out.repaired {

@@ -406,6 +406,10 @@ pub struct OpenOptions {
     pub resize: bool,
     /// Fault injection for tests.
     pub faults: Option<Arc<FaultInjector>>,
+    /// Opened by `check` (qemu's `BDRV_O_CHECK`): a corrupt image may be opened for
+    /// repair, a dirty one is not repaired at open, a broken snapshot table is left to the
+    /// check to report.
+    pub check: bool,
 }
 
 impl OpenOptions {

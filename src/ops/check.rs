@@ -42,6 +42,7 @@ pub fn check(filename: &str, opts: &CheckOptions) -> Result<CheckOutcome> {
             write: opts.repair.is_some(),
             force_share: opts.force_share,
             no_backing: true,
+            check: true,
             ..OpenOptions::default()
         },
     )?;

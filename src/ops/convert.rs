@@ -210,7 +210,8 @@ pub fn convert(
         salvage: opts.salvage,
         progress,
         rate: opts.rate,
-        dense: opts.copy_range,
+        // -S 0 (and -C) copy every byte, holes included, as qemu-img does
+        dense: opts.copy_range || opts.sparse_size == 0,
     };
     let stats = engine::copy(&params)?;
     tgt.close()?;

@@ -200,37 +200,86 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
         // The planner runs on this thread.
         let plan = || -> Result<()> {
             let mut seq = 0u64;
+            let mut emit = |si: usize, offset: u64, len: u64, status: Status| -> bool {
+                let item = Item {
+                    seq,
+                    src: si,
+                    offset,
+                    len,
+                    status,
+                };
+                seq += 1;
+                tx.send(item).is_ok()
+            };
             for (si, s) in p.sources.iter().enumerate() {
                 let size = s.start + s.len;
+                // target offset -> source offset of the next chunk boundary
+                let window_end = |pos: u64| {
+                    let t = s.target_offset + (pos - s.start);
+                    (pos + (chunk - t % chunk)).min(size)
+                };
                 let mut off = s.start;
                 while off < size {
                     if failed.load(Ordering::SeqCst) {
                         return Ok(());
+                    }
+                    if p.compress && !p.dense {
+                        // Whole chunks (so whole clusters) hold data or are skipped: a
+                        // compressed cluster is written once, zero padding included.
+                        let wend = window_end(off);
+                        let mut runs: Vec<(u64, u64, Status)> = Vec::new();
+                        let mut pos = off;
+                        let mut has_data = false;
+                        while pos < wend {
+                            let (st, n) = chain_status(s.img, pos, size - pos, p.top_only)?;
+                            let n = n.min(size - pos);
+                            if st == Status::Data {
+                                has_data = true;
+                                break;
+                            }
+                            runs.push((pos, n, st));
+                            pos += n;
+                        }
+                        if has_data {
+                            if !emit(si, off, wend - off, Status::Data) {
+                                return Ok(());
+                            }
+                            off = wend;
+                            continue;
+                        }
+                        // No data: the runs as they are, the last one reaching as far as
+                        // it goes in whole chunks.
+                        let last = runs.len().saturating_sub(1);
+                        for (i, (rp, rn, st)) in runs.into_iter().enumerate() {
+                            let mut rend = rp + rn;
+                            if i == last && rend > wend {
+                                let t = s.target_offset + (rend - s.start);
+                                rend = if rend >= size { size } else { rend - t % chunk };
+                                rend = rend.max(wend);
+                            } else {
+                                rend = rend.min(wend);
+                            }
+                            if !emit(si, rp, rend - rp, st) {
+                                return Ok(());
+                            }
+                            off = rend;
+                        }
+                        continue;
                     }
                     let (status, len) = if p.dense {
                         (Status::Data, size - off)
                     } else {
                         chain_status(s.img, off, size - off, p.top_only)?
                     };
-                    let len = len.min(size - off);
+                    let end = off + len.min(size - off);
                     let mut pos = off;
-                    let end = off + len;
                     while pos < end {
                         // Data items stop at chunk boundaries of the target offset.
-                        let t = s.target_offset + (pos - s.start);
                         let n = match status {
-                            Status::Data => (chunk - t % chunk).min(end - pos),
+                            Status::Data => window_end(pos).min(end) - pos,
                             _ => end - pos,
                         };
-                        let item = Item {
-                            seq,
-                            src: si,
-                            offset: pos,
-                            len: n,
-                            status,
-                        };
-                        seq += 1;
-                        if tx.send(item).is_err() {
+                        if !emit(si, pos, n, status) {
                             return Ok(());
                         }
                         pos += n;
@@ -326,7 +375,9 @@ fn process(
                         if need_zero_writes {
                             ops.push(Op::Zero(toff + pos as u64, len as u64));
                         }
-                    } else if in_cluster == 0 {
+                    } else if in_cluster == 0
+                        && (len == cs || toff + (pos + len) as u64 >= p.target.virtual_size())
+                    {
                         let off = toff + pos as u64;
                         match p.target.compress_cluster(part, off)? {
                             Some(data) => ops.push(Op::Prepared(off, data, len as u64)),

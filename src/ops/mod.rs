@@ -1,5 +1,6 @@
 //! One module per command. Each works on `dyn BlockDriver` and is a library call.
 
+pub mod amend;
 pub mod check;
 pub mod compare;
 pub mod convert;
@@ -10,3 +11,4 @@ pub mod info;
 pub mod map;
 pub mod measure;
 pub mod resize;
+pub mod snapshot;

@@ -7,9 +7,14 @@
 //! - `compress`: deflate/zstd cluster codecs;
 //! - `create`: `qemu-img create` options and image creation.
 
+pub mod amend;
+mod bitmap;
+mod check;
 pub mod compress;
 pub mod create;
 pub mod header;
+mod resize;
+pub mod snapshot;
 mod status;
 mod tables;
 mod write;
@@ -98,9 +103,10 @@ pub fn open(file: HostFile, filename: &str, ctx: &OpenCtx) -> Result<Box<dyn Blo
 impl Qcow2 {
     /// Opens a qcow2 image on an open host file.
     pub fn open(file: HostFile, filename: &str, ctx: &OpenCtx) -> Result<Qcow2> {
-        let hdr = Header::read(&file)?;
+        let check_mode = ctx.opts.check;
+        let hdr = Header::read_mode(&file, check_mode)?;
         let writable = ctx.opts.write;
-        if hdr.incompatible & header::INCOMPAT_CORRUPT != 0 && writable {
+        if hdr.incompatible & header::INCOMPAT_CORRUPT != 0 && writable && !check_mode {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 "qcow2: Image is corrupt; cannot be opened read/write",
@@ -110,7 +116,11 @@ impl Qcow2 {
         let ext_l2 = hdr.extended_l2();
         let l2_entries = cs / if ext_l2 { 16 } else { 8 };
         let sc = if ext_l2 { cs / 32 } else { cs };
-        let snapshots = header::read_snapshots(&file, &hdr)?;
+        // In check mode a broken snapshot table is for the check to report.
+        let snapshots = match header::read_snapshots(&file, &hdr) {
+            Err(_) if check_mode => Vec::new(),
+            r => r?,
+        };
         let bitmaps = match &hdr.bitmaps {
             Some(b) => header::read_bitmaps(&file, b)?.0,
             None => Vec::new(),
@@ -175,7 +185,22 @@ impl Qcow2 {
             writable,
             has_data_file,
         };
-        if writable {
+        if writable && !check_mode && q.hdr.incompatible & header::INCOMPAT_DIRTY != 0 {
+            // qemu repairs a dirty (lazy refcounts) image before writing to it
+            match q.check_image(Some(crate::formats::RepairMode::All)) {
+                Ok(r) if r.check_errors == 0 => {}
+                Ok(_) => {
+                    return Err(Error::corrupt(format!(
+                        "{filename}: Could not repair dirty image: Input/output error"
+                    )))
+                }
+                Err(e) => {
+                    let msg = format!("{filename}: Could not repair dirty image: {}", e.message());
+                    return Err(e.with_message(msg));
+                }
+            }
+        }
+        if writable && !check_mode {
             q.prepare_write()?;
         }
         Ok(q)
@@ -638,6 +663,17 @@ impl BlockDriver for Qcow2 {
 
     fn backing(&self) -> Option<&dyn BlockDriver> {
         self.backing.as_deref()
+    }
+
+    fn check(
+        &self,
+        repair: Option<crate::formats::RepairMode>,
+    ) -> Result<crate::formats::CheckReport> {
+        self.check_image(repair)
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Option<&str>) -> Result<()> {
+        self.resize_impl(new_size, prealloc)
     }
 
     fn info(&self) -> Result<ImageInfo> {

@@ -633,6 +633,32 @@ impl Qcow2 {
         Ok(start << self.cluster_bits)
     }
 
+    /// Allocates exactly clusters `start..start+n` if they are all free (refcount 1 each);
+    /// false where any is taken. Lets compressed data run on into the next cluster.
+    pub(crate) fn try_alloc_at(&self, m: &mut Meta, start: u64, n: u64) -> Result<bool> {
+        if (start + n) << self.cluster_bits > header::MAX_CLUSTER_OFFSET {
+            return Ok(false);
+        }
+        let rbe = self.rb_entries();
+        for c in start..start + n {
+            let r = c / rbe;
+            if self.rb_offset(m, r)?.is_none() {
+                self.ensure_refblock(m, r)?;
+            }
+            if self.refcount(m, c)? != 0 || self.is_reserved(m, c) {
+                return Ok(false);
+            }
+        }
+        for c in start..start + n {
+            self.update_refcount(m, c, 1)?;
+        }
+        if m.free_hint == start {
+            m.free_hint = start + n;
+        }
+        m.end = m.end.max(start + n);
+        Ok(true)
+    }
+
     /// Clusters that must never be handed out even with refcount 0 (defensive).
     fn is_reserved(&self, m: &Meta, c: u64) -> bool {
         let off = c << self.cluster_bits;

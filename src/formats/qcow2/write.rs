@@ -69,7 +69,13 @@ impl Qcow2 {
     }
 
     /// Writes `data` at `start` within guest cluster `gcl`.
-    fn write_cluster(&self, m: &mut Meta, gcl: u64, start: u64, data: &[u8]) -> Result<()> {
+    pub(crate) fn write_cluster(
+        &self,
+        m: &mut Meta,
+        gcl: u64,
+        start: u64,
+        data: &[u8],
+    ) -> Result<()> {
         let cs = self.cs;
         let l1_idx = gcl / self.l2_entries;
         let idx = gcl % self.l2_entries;
@@ -381,20 +387,23 @@ impl Qcow2 {
         let l2 = self.l2_table_for_write(&mut m, gcl / self.l2_entries)?;
         let idx = gcl % self.l2_entries;
         let (w, _) = self.l2_get(&mut m, l2, idx)?;
+        // Compressed clusters are packed back to back, running on into the next host
+        // cluster where it is free, as qemu packs them.
         let mut host = None;
         if let Some(t) = m.ctail {
             let c = t >> self.cluster_bits;
-            if t + clen <= (c + 1) << self.cluster_bits
-                && self.refcount(&mut m, c)? < self.refcount_max()
-                && self.refcount(&mut m, c)? > 0
-            {
-                self.update_refcount(&mut m, c, 1)?;
-                host = Some(t);
+            let rc = self.refcount(&mut m, c)?;
+            if rc > 0 && rc < self.refcount_max() {
+                let room = ((c + 1) << self.cluster_bits) - t;
+                if clen <= room || self.try_alloc_at(&mut m, c + 1, (clen - room).div_ceil(cs))? {
+                    self.update_refcount(&mut m, c, 1)?;
+                    host = Some(t);
+                }
             }
         }
         let host = match host {
             Some(h) => h,
-            None => self.alloc_clusters(&mut m, 1)?,
+            None => self.alloc_clusters(&mut m, clen.div_ceil(cs))?,
         };
         let tail = host + clen;
         m.ctail = if tail & (cs - 1) == 0 {

@@ -1,0 +1,142 @@
+//! qcow2 `resize` against qemu-img: same messages, exit codes, guest content and size;
+//! qemu-img check finds nothing.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn make(d: &Path, name: &str, opts: &str) {
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "-o", opts, name, "10M"],
+    ));
+    ok(qemu_io(
+        d,
+        "qcow2",
+        name,
+        &[
+            "write -P 1 0 3M",
+            "write -c -P 7 4M 64k",
+            "write -P 3 9M 1M",
+            "write -z 6M 128k",
+        ],
+    ));
+}
+
+fn check_clean(dir: &Path, f: &str) {
+    let out = qemu_img(dir, &["check", f]);
+    assert!(
+        out.status.success(),
+        "qemu-img check {f}: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+fn virtual_size(dir: &Path, f: &str) -> u64 {
+    let j = json(&ok(qemu_img(dir, &["info", "--output=json", f])));
+    j["virtual-size"].as_u64().unwrap()
+}
+
+#[test]
+fn qcow2_resize_matches_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    for opts in [
+        "compat=1.1",
+        "compat=0.10",
+        "extended_l2=on",
+        "cluster_size=4k,refcount_bits=8",
+    ] {
+        make(d, "a.qcow2", opts);
+        for args in [
+            &["resize", "a.qcow2", "+5M"][..],
+            &["resize", "a.qcow2", "1G"],
+            &["resize", "--shrink", "a.qcow2", "1M"],
+            &["resize", "--shrink", "a.qcow2", "3500K"],
+            &["resize", "--shrink", "a.qcow2", "512"],
+            &["resize", "a.qcow2", "1M"],
+            &["resize", "--preallocation=metadata", "a.qcow2", "+3M"],
+            &["resize", "--preallocation=full", "a.qcow2", "+3M"],
+            &["resize", "--preallocation=falloc", "a.qcow2", "20M"],
+            &["resize", "-q", "a.qcow2", "10M"],
+            &["resize", "a.qcow2", "+100"],
+        ] {
+            let (q, dk) = same_effect_as_qemu(d, &["a.qcow2"], args);
+            check_clean(&dk, "a.qcow2");
+            assert_eq!(
+                virtual_size(&q, "a.qcow2"),
+                virtual_size(&dk, "a.qcow2"),
+                "{opts} {args:?}"
+            );
+            if args.contains(&"--shrink") {
+                // the file is truncated after its last used cluster, like qemu's
+                let len = |p: &Path| std::fs::metadata(p.join("a.qcow2")).unwrap().len();
+                assert_eq!(len(&q), len(&dk), "file length {opts} {args:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn qcow2_grow_over_backing_reads_zero() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "10M"],
+    ));
+    ok(qemu_io(d, "qcow2", "base.qcow2", &["write -P 5 0 10M"]));
+    for opts in ["compat=1.1", "extended_l2=on", "compat=0.10"] {
+        ok(qemu_img(
+            d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "ov.qcow2",
+                "5000K",
+            ],
+        ));
+        let (_, dk) = same_effect_as_qemu(
+            d,
+            &["base.qcow2", "ov.qcow2"],
+            &["resize", "ov.qcow2", "10M"],
+        );
+        if opts != "compat=0.10" {
+            check_clean(&dk, "ov.qcow2");
+            let raw = qemu_raw(&dk, "ov.qcow2", None);
+            assert!(raw[5000 * 1024..].iter().all(|&b| b == 0), "{opts}");
+            assert!(raw[..5000 * 1024].iter().all(|&b| b == 5), "{opts}");
+        }
+    }
+}
+
+#[test]
+fn qcow2_shrink_with_snapshot() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    make(d, "a.qcow2", "compat=1.1");
+    ok(qemu_img(d, &["snapshot", "-c", "s1", "a.qcow2"]));
+    let (_, dk) = same_effect_as_qemu(d, &["a.qcow2"], &["resize", "--shrink", "a.qcow2", "2M"]);
+    check_clean(&dk, "a.qcow2");
+    // the snapshot still has its data, at its own size
+    ok(qemu_img(&dk, &["snapshot", "-a", "s1", "a.qcow2"]));
+    check_clean(&dk, "a.qcow2");
+    assert_eq!(virtual_size(&dk, "a.qcow2"), 10 << 20);
+    assert_eq!(qemu_raw(&dk, "a.qcow2", None), qemu_raw(d, "a.qcow2", None));
+    // v2 images with snapshots are not resized
+    make(d, "v2.qcow2", "compat=0.10");
+    ok(qemu_img(d, &["snapshot", "-c", "s1", "v2.qcow2"]));
+    same_effect_as_qemu(d, &["v2.qcow2"], &["resize", "v2.qcow2", "+1M"]);
+}
