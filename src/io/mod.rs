@@ -87,12 +87,18 @@ impl HostFile {
             oo.write(true);
         }
         if opts.create {
-            oo.create(true).truncate(true);
+            // Truncate only once the lock is ours (below): an image another process holds
+            // open must survive a failed create, as with qemu-img.
+            oo.create(true).truncate(false);
         }
         let file = oo
             .open(path)
             .map_err(|e| Error::io(e, format!("Could not open '{display}'")))?;
         lock::lock_image(&file, opts.lock, &display)?;
+        if opts.create {
+            file.set_len(0)
+                .map_err(|e| Error::io(e, format!("Could not truncate '{display}'")))?;
+        }
         Ok(HostFile {
             file,
             path: path.to_path_buf(),
