@@ -223,36 +223,36 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                     if failed.load(Ordering::SeqCst) {
                         return Ok(());
                     }
-                    if p.compress && !p.dense {
-                        // Whole chunks (so whole clusters) hold data or are skipped: a
-                        // compressed cluster is written once, zero padding included.
+                    if !p.dense {
+                        // One work item per chunk window holding data: small runs of data,
+                        // zeroes and holes travel together (zero blocks are still detected and
+                        // skipped), and a compressed cluster is written once, padding included.
                         let wend = window_end(off);
                         let mut runs: Vec<(u64, u64, Status)> = Vec::new();
                         let mut pos = off;
-                        let mut has_data = false;
                         while pos < wend {
                             let (st, n) = chain_status(s.img, pos, size - pos, p.top_only)?;
                             let n = n.min(size - pos);
-                            if st == Status::Data {
-                                has_data = true;
-                                break;
-                            }
                             runs.push((pos, n, st));
                             pos += n;
                         }
-                        if has_data {
+                        let has_data = runs.iter().any(|r| r.2 == Status::Data);
+                        let has_backing = runs.iter().any(|r| r.2 == Status::Backing);
+                        // Without zero detection (-S 0) a zero run must stay a zero run.
+                        let mergeable = p.sparse_size > 0 || p.compress;
+                        if has_data && !has_backing && mergeable {
                             if !emit(si, off, wend - off, Status::Data) {
                                 return Ok(());
                             }
                             off = wend;
                             continue;
                         }
-                        // No data: the runs as they are, the last one reaching as far as
-                        // it goes in whole chunks.
+                        // The runs as they are, the last one reaching as far as it goes
+                        // (whole chunks for zeroes and holes).
                         let last = runs.len().saturating_sub(1);
                         for (i, (rp, rn, st)) in runs.into_iter().enumerate() {
                             let mut rend = rp + rn;
-                            if i == last && rend > wend {
+                            if i == last && rend > wend && st != Status::Data {
                                 let t = s.target_offset + (rend - s.start);
                                 rend = if rend >= size { size } else { rend - t % chunk };
                                 rend = rend.max(wend);
