@@ -400,3 +400,17 @@ pub struct MeasureArgs {
     /// FILENAME
     pub files: Vec<String>,
 }
+
+/// `compact` (diskit extension)
+#[derive(Parser, Debug)]
+#[command(about = "Shrink an image in place (vdi)", disable_version_flag = true)]
+pub struct CompactArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// FILENAME
+    pub files: Vec<String>,
+}

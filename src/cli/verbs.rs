@@ -15,7 +15,7 @@ use crate::qjson::{self, Json};
 
 const VERBS: &[&str] = &[
     "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "dd", "info",
-    "map", "measure", "snapshot", "rebase", "resize",
+    "map", "measure", "snapshot", "rebase", "resize", "compact",
 ];
 
 /// Runs the verb named by `args[0]`.
@@ -29,6 +29,7 @@ pub fn dispatch(args: &[String]) -> VerbResult {
         "create" => create(rest),
         "convert" => convert(rest),
         "map" => map(rest),
+        "compact" => compact(rest),
         "measure" => measure(rest),
         "check" => check(rest),
         "dd" => dd(rest),
@@ -850,6 +851,26 @@ fn measure(argv: &[String]) -> VerbResult {
         if let Some(b) = m.bitmaps {
             println!("bitmaps size: {b}");
         }
+    }
+    Ok(0)
+}
+
+/// `compact [-f FMT] [-q] FILENAME` (diskit extension): shrink a VDI image in place.
+fn compact(argv: &[String]) -> VerbResult {
+    let a: args::CompactArgs = args::parse("compact", argv)?;
+    if a.files.len() != 1 {
+        return Err(CliError::Usage(
+            "Expecting one image file name".into(),
+            "compact",
+        ));
+    }
+    let file = &a.files[0];
+    let s = ops::compact::compact(file, open_format(&a.format, file)?)?;
+    if !a.quiet {
+        println!(
+            "Image compacted: {} zero blocks released, {} blocks moved, file size {} -> {} bytes.",
+            s.blocks_released, s.blocks_moved, s.old_file_size, s.new_file_size
+        );
     }
     Ok(0)
 }

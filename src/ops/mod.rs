@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bitmap;
 pub mod check;
 pub mod commit;
+pub mod compact;
 pub mod compare;
 pub mod convert;
 pub mod create;
