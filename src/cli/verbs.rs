@@ -311,6 +311,17 @@ fn convert(argv: &[String]) -> VerbResult {
     if a.files.len() < 2 {
         return Err(CliError::Msg("Must specify image file name".into()));
     }
+    // Not implemented yet: refuse rather than silently copy something else.
+    if a.snapshot_params.is_some() || a.snapshot.is_some() {
+        return Err(CliError::Msg(
+            "Converting from an internal snapshot (-l/-s) is not supported by diskit yet".into(),
+        ));
+    }
+    if a.bitmaps {
+        return Err(CliError::Msg(
+            "Copying persistent bitmaps (--bitmaps) is not supported by diskit yet".into(),
+        ));
+    }
     let cache = |c: &Option<String>, what: &str| -> Result<bool, CliError> {
         match c.as_deref() {
             None | Some("writeback") | Some("unsafe") | Some("writethrough") => Ok(false),
@@ -798,6 +809,11 @@ fn measure(argv: &[String]) -> VerbResult {
     if file.is_none() && size.is_none() {
         return Err(CliError::Msg(
             "Either --size N or one filename must be specified.".into(),
+        ));
+    }
+    if a.snapshot.is_some() {
+        return Err(CliError::Msg(
+            "Measuring an internal snapshot (-l) is not supported by diskit yet".into(),
         ));
     }
     let source_format = match &file {
