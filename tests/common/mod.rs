@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: temp dirs, the qemu-img oracle, running diskit.
 #![allow(dead_code)]
 
+pub mod chain;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
