@@ -14,7 +14,7 @@ done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 corpus=$PWD/corpus
-mkdir -p "$corpus"/{open_qcow2,open_vmdk,open_vdi,open_probe,options}
+mkdir -p "$corpus"/{open_qcow2,open_vmdk,open_vdi,open_probe,options,check_qcow2,vmdk_stream,vmdk_descriptor}
 
 q() { qemu-img "$@" >/dev/null; }
 io() { # io FMT IMAGE CMD...
@@ -76,6 +76,13 @@ mk_vmdk sparse.vmdk subformat=monolithicSparse
 mk_vmdk zeroed.vmdk subformat=monolithicSparse,zeroed_grain=on
 mk_vmdk v6.vmdk subformat=monolithicSparse,compat6=on
 q convert -O vmdk -o subformat=streamOptimized text.raw stream.vmdk && add open_vmdk stream.vmdk
+# stream images for vmdk_stream: text, sparse data with zero runs, empty, 2 MiB of mixed
+for img in stream.vmdk; do cp "$img" "$corpus/vmdk_stream/"; done
+q create -f vmdk -o subformat=streamOptimized stream-empty.vmdk 1M && cp stream-empty.vmdk "$corpus/vmdk_stream/"
+q create -f raw mixed.raw 2M
+io raw mixed.raw "write -P 0xaa 0 64k" "write -P 0x11 1M 4k" "write -P 0x5a 2040k 8k"
+q convert -O vmdk -o subformat=streamOptimized mixed.raw stream-mixed.vmdk && cp stream-mixed.vmdk "$corpus/vmdk_stream/"
+q convert -O vmdk -o subformat=streamOptimized,compat6=on mixed.raw stream-v6.vmdk && cp stream-v6.vmdk "$corpus/vmdk_stream/"
 # descriptor files (their extents are missing in the fuzz directory; the parser still runs)
 q create -f vmdk -o subformat=monolithicFlat flat.vmdk 1M && add open_vmdk flat.vmdk
 q create -f vmdk -o subformat=twoGbMaxExtentSparse split.vmdk 1M && add open_vmdk split.vmdk
@@ -96,6 +103,28 @@ ddb.geometry.sectors = "63"
 DESC
 add open_vmdk self.vmdk
 
+# descriptors for vmdk_descriptor: extents name the files the harness makes next to them
+# (ext-sparse.vmdk and ext-flat.raw, 1 MiB each; ext-vdi.vdi is another format)
+desc() { # desc NAME CREATETYPE EXTENT-LINES...
+    local name=$1 ct=$2; shift 2
+    {
+        printf '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+        printf 'createType="%s"\n\n# Extent description\n' "$ct"
+        printf '%s\n' "$@"
+        printf '\n# The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = "4"\n'
+        printf 'ddb.geometry.cylinders = "4"\nddb.geometry.heads = "16"\nddb.geometry.sectors = "63"\n'
+        printf 'ddb.adapterType = "ide"\n'
+    } > "$corpus/vmdk_descriptor/$name"
+}
+desc flat twoGbMaxExtentFlat 'RW 2048 FLAT "ext-flat.raw" 0'
+desc flat-offset monolithicFlat 'RW 1024 FLAT "ext-flat.raw" 1024'
+desc sparse twoGbMaxExtentSparse 'RW 2048 SPARSE "ext-sparse.vmdk"'
+desc mixed twoGbMaxExtentSparse 'RW 2048 SPARSE "ext-sparse.vmdk"' 'RDONLY 2048 FLAT "ext-flat.raw" 0' 'RW 4096 ZERO'
+desc vmfs vmfs 'RW 2048 VMFS "ext-flat.raw"'
+desc foreign monolithicFlat 'RW 2048 FLAT "ext-vdi.vdi" 0'
+desc child twoGbMaxExtentSparse 'RW 2048 SPARSE "ext-sparse.vmdk"'
+sed -i 's/^parentCID=ffffffff$/parentCID=87654321\nparentFileNameHint="ext-sparse.vmdk"/' "$corpus/vmdk_descriptor/child"
+
 # ---- vdi ---------------------------------------------------------------------------------
 q create -f vdi empty.vdi 1M && add open_vdi empty.vdi
 q create -f vdi dyn.vdi 2M && io vdi dyn.vdi "write -P 0xaa 0 4k" && add open_vdi dyn.vdi
@@ -112,6 +141,9 @@ printf '%s' 'help' > "$o/help"
 printf '%s' '18446744073709551615' > "$o/max"
 printf '%s' '16E' > "$o/16e"
 printf '%s' '0.5k' > "$o/frac"
+
+# check_qcow2 starts from every qcow2 seed
+cp "$corpus"/open_qcow2/* "$corpus/check_qcow2/"
 
 cd "$corpus"
 for t in *; do printf '%-12s %3d seeds, %s\n' "$t" "$(ls "$t" | wc -l)" "$(du -sh "$t" | cut -f1)"; done

@@ -14,14 +14,14 @@ secs=${1:-${FUZZ_SECONDS:-30}}
 [ $# -gt 0 ] && shift
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(open_qcow2 open_vmdk open_vdi open_probe options)
+    targets=(open_qcow2 open_vmdk vmdk_stream vmdk_descriptor open_vdi open_probe check_qcow2 options)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"
     cargo install cargo-fuzz --locked
 fi
-if [ ! -d corpus/open_qcow2 ] || [ -z "$(ls -A corpus/open_qcow2 2>/dev/null)" ]; then
+if [ ! -d corpus/vmdk_descriptor ] || [ -z "$(ls -A corpus/vmdk_descriptor 2>/dev/null)" ]; then
     if command -v qemu-img >/dev/null 2>&1; then
         bash seeds.sh
     else
@@ -45,8 +45,11 @@ for t in "${targets[@]}"; do
     if cargo fuzz run "$t" "corpus/$t" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         </dev/null >"$log" 2>&1; then
-        grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" | tr '\n' ' '
-        echo
+        cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+/[0-9a-zA-Z]+' "$log" | tail -1)
+        runs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$')
+        rss=$(grep -oE 'stat::peak_rss_mb: *[0-9]+' "$log" | grep -oE '[0-9]+$')
+        echo "fuzz: $t: $runs runs, $cov, peak RSS ${rss} MB"
+
     else
         failed+=("$t")
         tail -40 "$log"

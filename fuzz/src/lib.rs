@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use diskit::formats::options::{parse_size, parse_size_default, split_opts};
+use diskit::formats::RepairMode;
+use diskit::ops::check::{check, CheckOptions};
 use diskit::{BlockDriver, CreateOpts, Format, Mapping, OpenOptions};
 
 /// At most this many `map` calls per walk.
@@ -48,6 +50,60 @@ pub fn exercise_image(data: &[u8], format: Option<Format>) {
     std::fs::write(path, data).expect("writing the fuzz input");
     let opts = OpenOptions::read_only().with_format(format);
     let Ok(img) = diskit::open(path.to_str().expect("utf-8 path"), &opts) else {
+        return;
+    };
+    exercise_driver(img.as_ref());
+}
+
+/// `check` on arbitrary bytes as qcow2: the read-only pass, then `check -r all` on the same
+/// file, then a read-only open of whatever the repair left (which must not panic either).
+pub fn exercise_check(data: &[u8]) {
+    let path = image_path();
+    std::fs::write(path, data).expect("writing the fuzz input");
+    let name = path.to_str().expect("utf-8 path");
+    let ro = CheckOptions {
+        format: Some(Format::Qcow2),
+        ..CheckOptions::default()
+    };
+    if check(name, &ro).is_err() {
+        return;
+    }
+    let rw = CheckOptions {
+        repair: Some(RepairMode::All),
+        ..ro.clone()
+    };
+    if check(name, &rw).is_err() {
+        return;
+    }
+    let opts = OpenOptions::read_only().with_format(Some(Format::Qcow2));
+    if let Ok(img) = diskit::open(name, &opts) {
+        exercise_driver(img.as_ref());
+    }
+}
+
+/// Names of the extent files [`exercise_vmdk_descriptor`] provides next to the descriptor.
+pub const DESCRIPTOR_EXTENTS: [&str; 3] = ["ext-sparse.vmdk", "ext-flat.raw", "ext-vdi.vdi"];
+
+/// The input is a VMDK descriptor file; next to it lie a 1 MiB monolithicSparse extent
+/// (`ext-sparse.vmdk`), a 1 MiB flat extent (`ext-flat.raw`) and a file of another format
+/// (`ext-vdi.vdi`), all made by diskit itself once per process.
+pub fn exercise_vmdk_descriptor(data: &[u8]) {
+    static EXTENTS: OnceLock<()> = OnceLock::new();
+    let path = image_path();
+    let dir = path.parent().expect("fuzz directory");
+    EXTENTS.get_or_init(|| {
+        let sized = CreateOpts::parse("size=1M").expect("size option");
+        let sparse = dir.join(DESCRIPTOR_EXTENTS[0]);
+        diskit::create(sparse.to_str().unwrap(), Format::Vmdk, &sized).expect("vmdk extent");
+        let flat: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.join(DESCRIPTOR_EXTENTS[1]), flat).expect("flat extent");
+        let vdi = dir.join(DESCRIPTOR_EXTENTS[2]);
+        diskit::create(vdi.to_str().unwrap(), Format::Vdi, &sized).expect("vdi file");
+    });
+    let desc = dir.join("desc.vmdk");
+    std::fs::write(&desc, data).expect("writing the fuzz input");
+    let opts = OpenOptions::read_only().with_format(Some(Format::Vmdk));
+    let Ok(img) = diskit::open(desc.to_str().expect("utf-8 path"), &opts) else {
         return;
     };
     exercise_driver(img.as_ref());
