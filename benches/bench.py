@@ -280,6 +280,15 @@ def scenarios():
         ),
         ("qcow2->vmdk", "src.qcow2", ["-f", "qcow2", "-O", "vmdk"], "out.vmdk", "qcow2", "vmdk", None),
         ("raw->vdi", "workload.raw", ["-f", "raw", "-O", "vdi"], "out.vdi", "raw", "vdi", None),
+        (
+            "raw->vmdk stream",
+            "workload.raw",
+            ["-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"],
+            "out.vmdk",
+            "raw",
+            "vmdk",
+            "zlib",
+        ),
     ]
 
 

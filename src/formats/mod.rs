@@ -136,6 +136,11 @@ pub trait BlockDriver: Send + Sync {
     fn compress_cluster(&self, _buf: &[u8], _offset: u64) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
+    /// Every write is compressed anyway (a streamOptimized VMDK): the copy engine then takes
+    /// its compressing path, which spreads the compression over its workers.
+    fn compresses_writes(&self) -> bool {
+        false
+    }
     /// Stores a cluster prepared by [`BlockDriver::compress_cluster`] for guest `offset`.
     fn write_compressed_data(&self, _data: &[u8], _offset: u64) -> Result<()> {
         Err(Error::unsupported(format!(

@@ -233,7 +233,7 @@ pub fn convert(
         top_only: backing.is_some(),
         target_has_backing: backing.is_some(),
         sparse_size: if opts.copy_range { 0 } else { opts.sparse_size },
-        compress: opts.compress,
+        compress: opts.compress || tgt.compresses_writes(),
         cluster_size: tgt.cluster_size().unwrap_or(512),
         workers: opts.workers,
         out_of_order: opts.out_of_order,

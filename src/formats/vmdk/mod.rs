@@ -1027,6 +1027,34 @@ impl BlockDriver for VmdkDriver {
         self.write_at(buf, offset)
     }
 
+    fn compresses_writes(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<Option<Vec<u8>>> {
+        if self.stream.is_none() {
+            return Ok(None);
+        }
+        self.check_range(offset, buf.len() as u64)?;
+        let grain = self.cluster_size().unwrap_or(buf.len() as u64) as usize;
+        let valid = buf.len().min(grain);
+        stream::encode_grain(&self.filename, offset, &buf[..valid]).map(Some)
+    }
+
+    fn write_compressed_data(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, 1)?;
+        match &self.stream {
+            Some(s) if self.writable => s
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_encoded(data, offset),
+            _ => Err(Error::unsupported(format!(
+                "{}: image is read-only or not streamOptimized",
+                self.filename
+            ))),
+        }
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // vmdk has no way to give space back; the contents stay as they are.
         self.check_range(offset, len)

@@ -197,24 +197,38 @@ impl StreamWriter {
     fn append_grain(&mut self, idx: u64, buf: &[u8]) -> Result<()> {
         let start = idx * self.grain;
         let valid = (self.capacity - start).min(self.grain) as usize;
-        let data = &buf[..valid];
-        let mut c = Compress::new(Compression::new(GRAIN_DEFLATE_LEVEL), true);
-        let mut out = Vec::with_capacity(12 + valid + valid / 8 + 1024);
-        out.extend_from_slice(&(start / SECTOR).to_le_bytes());
-        out.extend_from_slice(&[0u8; 4]);
-        loop {
-            let consumed = c.total_in() as usize;
-            let st = c
-                .compress_vec(&data[consumed..], &mut out, FlushCompress::Finish)
-                .map_err(|e| Error::corrupt(format!("{}: deflate failed: {e}", self.name)))?;
-            if st == Status::StreamEnd {
-                break;
-            }
-            out.reserve(out.capacity().max(4096));
+        let out = encode_grain(&self.name, start, &buf[..valid])?;
+        self.store_grain(idx, &out)
+    }
+
+    /// Appends a grain already encoded by [`encode_grain`] (on another thread) for guest
+    /// `offset`, which starts a grain after every grain written so far.
+    pub fn write_encoded(&mut self, encoded: &[u8], offset: u64) -> Result<()> {
+        if self.finished {
+            return Err(Error::unsupported(format!(
+                "{}: the stream is already closed",
+                self.name
+            )));
         }
-        let size = (out.len() - 12) as u32;
-        out[8..12].copy_from_slice(&size.to_le_bytes());
-        out.resize(out.len().div_ceil(SECTOR as usize) * SECTOR as usize, 0);
+        let idx = offset / self.grain;
+        if offset % self.grain != 0 || idx < self.next_grain {
+            return Err(self.order_error(offset));
+        }
+        if let Some((cur, _)) = &self.cur {
+            if *cur >= idx {
+                return Err(self.order_error(offset));
+            }
+            self.flush_grain()?;
+        }
+        if !self.started {
+            self.file.set_len(self.header.grain_offset * SECTOR)?;
+            self.started = true;
+        }
+        self.next_grain = idx + 1;
+        self.store_grain(idx, encoded)
+    }
+
+    fn store_grain(&mut self, idx: u64, out: &[u8]) -> Result<()> {
         let sector = self.next_sector;
         if sector > u32::MAX as u64 {
             return Err(Error::too_large(format!(
@@ -222,7 +236,7 @@ impl StreamWriter {
                 self.name
             )));
         }
-        self.file.write_at(&out, sector * SECTOR)?;
+        self.file.write_at(out, sector * SECTOR)?;
         self.next_sector += out.len() as u64 / SECTOR;
         self.set_gte(idx, sector as u32)
     }
@@ -294,6 +308,30 @@ impl StreamWriter {
         self.finished = true;
         self.file.sync()
     }
+}
+
+/// A grain as a stream stores it: the marker {guest sector of `start`, compressed size},
+/// the zlib stream of `data` (at most one grain), zero padding to a sector boundary.
+/// Pure: the copy engine runs it on its workers.
+pub fn encode_grain(name: &str, start: u64, data: &[u8]) -> Result<Vec<u8>> {
+    let mut c = Compress::new(Compression::new(GRAIN_DEFLATE_LEVEL), true);
+    let mut out = Vec::with_capacity(12 + data.len() + data.len() / 8 + 1024);
+    out.extend_from_slice(&(start / SECTOR).to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    loop {
+        let consumed = c.total_in() as usize;
+        let st = c
+            .compress_vec(&data[consumed..], &mut out, FlushCompress::Finish)
+            .map_err(|e| Error::corrupt(format!("{name}: deflate failed: {e}")))?;
+        if st == Status::StreamEnd {
+            break;
+        }
+        out.reserve(out.capacity().max(4096));
+    }
+    let size = (out.len() - 12) as u32;
+    out[8..12].copy_from_slice(&size.to_le_bytes());
+    out.resize(out.len().div_ceil(SECTOR as usize) * SECTOR as usize, 0);
+    Ok(out)
 }
 
 /// The trailer of an empty stream (directory, footer, end of stream) written at `at_sector`.
@@ -389,6 +427,18 @@ impl crate::formats::BlockDriver for StreamSink {
     }
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.write_at(buf, offset)
+    }
+    fn compresses_writes(&self) -> bool {
+        true
+    }
+    fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<Option<Vec<u8>>> {
+        self.check_range(offset, buf.len() as u64)?;
+        let len = buf.len().min(self.grain as usize);
+        encode_grain(&self.name, offset, &buf[..len]).map(Some)
+    }
+    fn write_compressed_data(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, 1)?;
+        self.writer().write_encoded(data, offset)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)
