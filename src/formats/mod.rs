@@ -552,6 +552,64 @@ pub fn open(filename: &str, opts: &OpenOptions) -> Result<Box<dyn BlockDriver>> 
     open_with_ctx(filename, &ctx)
 }
 
+/// What kind of file an image names (the user did not name it on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedBy {
+    /// A backing file name in an image header (or a qcow2 external data file).
+    Backing,
+    /// An extent file in a VMDK descriptor.
+    Extent,
+}
+
+/// Is `DISKIT_ALLOW_DEVICES=1` (or the older `DISKIT_VMDK_ALLOW_DEVICES=1`) set?
+pub fn devices_allowed() -> bool {
+    ["DISKIT_ALLOW_DEVICES", "DISKIT_VMDK_ALLOW_DEVICES"]
+        .iter()
+        .any(|v| std::env::var(v).as_deref() == Ok("1"))
+}
+
+/// The one policy for files an image names, checked before they are opened (opening a FIFO
+/// would block). Backing files may be regular files or block devices, as with qemu-img
+/// (chains of qcow2 volumes on LVM rely on it); VMDK extents only regular files. Character
+/// devices, FIFOs and sockets are refused in both roles: they would hang a reader or feed it
+/// endless data. `DISKIT_ALLOW_DEVICES=1` lifts the refusal. A missing file is left to the
+/// open that follows, which reports it.
+pub fn check_named_file(path: &str, role: NamedBy) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let ft = meta.file_type();
+    let kind = if ft.is_file() {
+        return Ok(());
+    } else if ft.is_block_device() {
+        if role == NamedBy::Backing {
+            return Ok(());
+        }
+        "a block device"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_dir() {
+        return Ok(()); // the open fails with the usual message
+    } else {
+        "not a regular file"
+    };
+    if devices_allowed() {
+        return Ok(());
+    }
+    let what = match role {
+        NamedBy::Backing => "backing file",
+        NamedBy::Extent => "extent file",
+    };
+    Err(Error::unsupported(format!(
+        "{what} '{path}' is {kind}; diskit refuses special files named by an image (set DISKIT_ALLOW_DEVICES=1 to allow them)"
+    )))
+}
+
 /// Opens an image inside a chain (used by drivers to open their backing files).
 pub fn open_with_ctx(filename: &str, ctx: &OpenCtx) -> Result<Box<dyn BlockDriver>> {
     let opts = &ctx.opts;
@@ -631,6 +689,8 @@ pub fn open_backing(
     ctx: &OpenCtx,
 ) -> Result<Box<dyn BlockDriver>> {
     let full = resolve_backing_name(image, backing);
+    check_named_file(&full, NamedBy::Backing)
+        .map_err(|e| e.context("Could not open backing file"))?;
     let mut bctx = ctx.for_backing();
     if let Some(fmt) = backing_format {
         bctx.opts.format = Some(Format::from_name(fmt).map_err(|_| {

@@ -41,6 +41,10 @@ pub fn info(filename: &str, opts: &InfoOptions) -> Result<Vec<ImageInfo>> {
             no_io: true,
             ..OpenOptions::default()
         };
+        if seen.len() > 1 {
+            formats::check_named_file(&name, formats::NamedBy::Backing)
+                .map_err(|e| e.context(format!("Could not open '{name}'")))?;
+        }
         let img = formats::open(&name, &open_opts)?;
         let info = img.info()?;
         if opts.backing_chain {

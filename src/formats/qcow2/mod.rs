@@ -134,6 +134,7 @@ impl Qcow2 {
                 .clone()
                 .ok_or_else(|| Error::invalid_image("'data-file' is required for this image"))?;
             let full = crate::formats::resolve_backing_name(filename, &name);
+            crate::formats::check_named_file(&full, crate::formats::NamedBy::Backing)?;
             match HostFile::open(&full, &ctx.opts.host()) {
                 Ok(f) => data_file = Some(f),
                 Err(e) => {

@@ -72,6 +72,10 @@ pub fn find_parent(filename: &str, hdr: &Header) -> Result<String> {
 
 /// Image and modification UUIDs of a VDI file, if it is one.
 fn uuids_of(path: &Path) -> Option<(Uuid, Uuid)> {
+    // only regular files: opening a FIFO named *.vdi would block
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let mut f = std::fs::File::open(path).ok()?;
     let mut raw = [0u8; 512];
     f.read_exact(&mut raw).ok()?;

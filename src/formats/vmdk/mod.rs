@@ -24,8 +24,8 @@
 //! Differences from QEMU, on purpose:
 //! - `ZERO` extents and `RDONLY` extent lines are understood (QEMU skips such lines).
 //! - Extent files that are not regular files (devices, FIFOs, sockets) are refused unless
-//!   the environment variable `DISKIT_VMDK_ALLOW_DEVICES=1` is set: a descriptor from an
-//!   untrusted source could otherwise read the host's disks.
+//!   the environment variable `DISKIT_ALLOW_DEVICES=1` is set: a descriptor from an
+//!   untrusted source could otherwise read the host's disks (`formats::check_named_file`).
 //! - A text descriptor larger than 1 MiB is refused (QEMU silently reads the first MiB).
 //! - A parent whose CID does not match `parentCID` gives a warning, not a read error.
 //! - A missing CID/parentCID reads as ffffffff instead of failing the open.
@@ -143,10 +143,6 @@ pub struct VmdkDriver {
     stream: Option<Mutex<StreamWriter>>,
 }
 
-fn allow_devices() -> bool {
-    std::env::var("DISKIT_VMDK_ALLOW_DEVICES").as_deref() == Ok("1")
-}
-
 const TEXT_TYPES: &[&str] = &[
     "monolithicFlat",
     "vmfs",
@@ -164,17 +160,12 @@ struct FileSet<'a> {
 
 impl FileSet<'_> {
     fn open(&mut self, path: &str) -> Result<usize> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| Error::io(e, format!("Could not open '{path}'")))?;
+        std::fs::metadata(path).map_err(|e| Error::io(e, format!("Could not open '{path}'")))?;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
         if let Some(&i) = self.by_path.get(&canon) {
             return Ok(i);
         }
-        if !meta.is_file() && !allow_devices() {
-            return Err(Error::unsupported(format!(
-                "extent file '{path}' is not a regular file; devices and other special files are refused (set DISKIT_VMDK_ALLOW_DEVICES=1 to allow them)"
-            )));
-        }
+        formats::check_named_file(path, formats::NamedBy::Extent)?;
         let f = HostFile::open(path, &self.ctx.opts.host())?;
         self.files.push((path.to_string(), Arc::new(f)));
         self.by_path.insert(canon, self.files.len() - 1);
