@@ -243,8 +243,122 @@ fn create(argv: &[String]) -> VerbResult {
     Ok(0)
 }
 
+/// One `key=value` (or flag) of a QemuOpts string, as qemu's `get_opt_name_value` reads
+/// it: a value ends at a single comma (`,,` is a literal comma); a flag `foo` is `foo=on`,
+/// `nofoo` is `foo=off`. Returns (name, value, written as a flag with this prefix, rest).
+fn qemu_opt_next(params: &str) -> (String, String, Option<&'static str>, &str) {
+    let len = params.find(['=', ',']).unwrap_or(params.len());
+    let (name, value, flag, mut rest);
+    if params[len..].starts_with('=') {
+        name = params[..len].to_string();
+        let mut v = String::new();
+        let mut p = &params[len + 1..];
+        loop {
+            match p.find(',') {
+                Some(i) if p[i + 1..].starts_with(',') => {
+                    v.push_str(&p[..=i]);
+                    p = &p[i + 2..];
+                }
+                Some(i) => {
+                    v.push_str(&p[..i]);
+                    p = &p[i..];
+                    break;
+                }
+                None => {
+                    v.push_str(p);
+                    p = "";
+                    break;
+                }
+            }
+        }
+        (value, flag, rest) = (v, None, p);
+    } else if let Some(n) = params[..len].strip_prefix("no") {
+        name = n.to_string();
+        (value, flag, rest) = ("off".to_string(), Some("no"), &params[len..]);
+    } else {
+        name = params[..len].to_string();
+        (value, flag, rest) = ("on".to_string(), Some(""), &params[len..]);
+    }
+    if let Some(r) = rest.strip_prefix(',') {
+        rest = r;
+    }
+    (name, value, flag, rest)
+}
+
+/// qemu's `id_wellformed`.
+fn id_wellformed(id: &str) -> bool {
+    let mut c = id.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|x| x.is_ascii_alphanumeric() || "-._".contains(x))
+}
+
+/// `-l SNAPSHOT_PARAM` of convert and measure: `snapshot.id=ID,snapshot.name=NAME` parsed as
+/// qemu parses its QemuOpts (warnings, help, errors), or else an ID or name.
+pub(super) fn snapshot_param(arg: &str) -> Result<crate::formats::SnapshotSel, CliError> {
+    use crate::formats::SnapshotSel;
+    if !arg.starts_with("snapshot.") {
+        return Ok(SnapshotSel::IdOrName(arg.to_string()));
+    }
+    let failed = |why: String| {
+        CliError::Msg(format!(
+            "{why}\n{}: Failed in parsing snapshot param '{arg}'",
+            prog()
+        ))
+    };
+    // the QemuOpts id is looked for first
+    let mut p = arg;
+    while !p.is_empty() {
+        let (k, v, _, rest) = qemu_opt_next(p);
+        if k == "id" {
+            if !id_wellformed(&v) {
+                return Err(failed("Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.".into()));
+            }
+            break;
+        }
+        p = rest;
+    }
+    let (mut id, mut name) = (None, None);
+    let mut p = arg;
+    while !p.is_empty() {
+        let (k, v, flag, rest) = qemu_opt_next(p);
+        p = rest;
+        if flag == Some("") && (k == "help" || k == "?") {
+            println!("snapshot options:");
+            println!("  {:<22} - snapshot id", "snapshot.id=<str>");
+            println!("  {:<22} - snapshot name", "snapshot.name=<str>");
+            return Err(CliError::Msg(format!(
+                "Failed in parsing snapshot param '{arg}'"
+            )));
+        }
+        if let Some(prefix) = flag {
+            eprintln!(
+                "{}: warning: short-form boolean option '{prefix}{k}' deprecated\nPlease use {k}={v} instead",
+                prog()
+            );
+        }
+        match k.as_str() {
+            "id" => {}
+            "snapshot.id" => id = Some(v),
+            "snapshot.name" => name = Some(v),
+            _ => return Err(failed(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    Ok(SnapshotSel::Exact { id, name })
+}
+
+/// Prints a warning as qemu's `warn_report` does.
+fn print_warning(msg: &str) {
+    eprintln!("{}: warning: {msg}", prog());
+}
+
 fn convert(argv: &[String]) -> VerbResult {
     let a: ConvertArgs = args::parse("convert", argv)?;
+    // `-s` (the old form) is taken as `-l ID_OR_NAME`
+    let snapshot = match (&a.snapshot_params, &a.snapshot) {
+        (Some(l), _) => Some(snapshot_param(l)?),
+        (None, Some(s)) => Some(crate::formats::SnapshotSel::IdOrName(s.clone())),
+        (None, None) => None,
+    };
     let mut o = ops::convert::ConvertOptions::new(Vec::new(), String::new());
     if let Some(sz) = &a.sparse_size {
         let v = cvtnum("buffer size for sparse output", sz)?;
@@ -311,17 +425,6 @@ fn convert(argv: &[String]) -> VerbResult {
     if a.files.len() < 2 {
         return Err(CliError::Msg("Must specify image file name".into()));
     }
-    // Not implemented yet: refuse rather than silently copy something else.
-    if a.snapshot_params.is_some() || a.snapshot.is_some() {
-        return Err(CliError::Msg(
-            "Converting from an internal snapshot (-l/-s) is not supported by diskit yet".into(),
-        ));
-    }
-    if a.bitmaps {
-        return Err(CliError::Msg(
-            "Copying persistent bitmaps (--bitmaps) is not supported by diskit yet".into(),
-        ));
-    }
     let cache = |c: &Option<String>, what: &str| -> Result<bool, CliError> {
         match c.as_deref() {
             None | Some("writeback") | Some("unsafe") | Some("writethrough") => Ok(false),
@@ -345,6 +448,10 @@ fn convert(argv: &[String]) -> VerbResult {
     o.out_of_order = a.oob_writes;
     o.salvage = a.salvage;
     o.copy_range = a.copy_range;
+    o.snapshot = snapshot;
+    o.bitmaps = a.bitmaps;
+    o.skip_broken_bitmaps = a.skip_broken_bitmaps;
+    o.warn = Some(print_warning);
     o.tgt_direct = cache(&a.tgt_cache, "cache option")?;
     o.tgt_flush = !matches!(a.tgt_cache.as_deref(), None | Some("unsafe"));
     if target == "-" && (a.progress || a.progress_json) && !a.quiet {
@@ -784,6 +891,7 @@ fn check(argv: &[String]) -> VerbResult {
 
 fn measure(argv: &[String]) -> VerbResult {
     let a: MeasureArgs = args::parse("measure", argv)?;
+    let snapshot = a.snapshot.as_deref().map(snapshot_param).transpose()?;
     let json = parse_output(&a.common.output, "measure")?;
     if a.files.len() > 1 {
         return Err(CliError::Msg(
@@ -811,18 +919,13 @@ fn measure(argv: &[String]) -> VerbResult {
             "Either --size N or one filename must be specified.".into(),
         ));
     }
-    if a.snapshot.is_some() {
-        return Err(CliError::Msg(
-            "Measuring an internal snapshot (-l) is not supported by diskit yet".into(),
-        ));
-    }
     let source_format = match &file {
         Some(f) => open_format(&a.common.format, f)?,
         None => None,
     };
     if let Some(f) = &file {
         // the source is opened before the target format is looked at
-        crate::formats::open(
+        let img = crate::formats::open(
             f,
             &crate::OpenOptions {
                 format: source_format,
@@ -830,6 +933,9 @@ fn measure(argv: &[String]) -> VerbResult {
                 ..Default::default()
             },
         )?;
+        if let Some(sel) = &snapshot {
+            ops::measure::load_snapshot(img.as_ref(), sel)?;
+        }
     }
     let tname = a.target_format.clone().unwrap_or_else(|| "raw".into());
     let target_format = Format::from_name(&tname)
@@ -854,6 +960,7 @@ fn measure(argv: &[String]) -> VerbResult {
         source: file,
         source_format,
         force_share: a.common.force_share,
+        snapshot,
     })?;
     if json {
         let o = crate::qjson::Obj::new()

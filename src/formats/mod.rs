@@ -186,12 +186,36 @@ pub trait BlockDriver: Send + Sync {
     fn set_backing_file(&self, _name: Option<&str>, _format: Option<&str>) -> Result<()> {
         Err(Error::unsupported("Operation not supported"))
     }
+    /// Switches a read-only image to the guest view of one of its internal snapshots, for as
+    /// long as it stays open (qemu's `bdrv_snapshot_load_tmp`, used by `convert -l` and
+    /// `measure -l`). Nothing is written; the virtual size stays the image's. Formats
+    /// without internal snapshots answer qemu's `Unsupported` text.
+    fn load_snapshot_tmp(&self, _sel: &SnapshotSel) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            self.format()
+        )))
+    }
     /// Flushes and marks the image clean (the last call before dropping a written image).
     fn close(&self) -> Result<()> {
         self.flush()
     }
     /// Downcasting to the concrete driver for format-specific extras.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// Which internal snapshot to load read-only ([`BlockDriver::load_snapshot_tmp`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSel {
+    /// `-l NAME`: an ID, else a name (qemu's `bdrv_snapshot_load_tmp_by_id_or_name`).
+    IdOrName(String),
+    /// `-l snapshot.id=ID,snapshot.name=NAME`: each given part must match.
+    Exact {
+        /// `snapshot.id`
+        id: Option<String>,
+        /// `snapshot.name`
+        name: Option<String>,
+    },
 }
 
 /// What `check -r` may repair.

@@ -252,6 +252,55 @@ impl HostFile {
         Ok(())
     }
 
+    /// Copies `len` bytes at `src_offset` of this file to `dst` at `dst_offset` inside the
+    /// kernel (copy_file_range(2)). Any failure (EXDEV, ENOSYS, EOPNOTSUPP, the source ending
+    /// early, ...) is returned for the caller to fall back to reading and writing; files with
+    /// fault injection always fall back.
+    pub fn copy_range_to(
+        &self,
+        src_offset: u64,
+        dst: &HostFile,
+        dst_offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        if self.faults.is_some() || dst.faults.is_some() {
+            return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        let (mut so, mut d_o, mut left) = (src_offset, dst_offset, len);
+        while left > 0 {
+            let mut a = libc::loff_t::try_from(so).map_err(|_| einval())?;
+            let mut b = libc::loff_t::try_from(d_o).map_err(|_| einval())?;
+            let n = left.min(1 << 30) as usize;
+            // SAFETY: valid fds owned by `self` and `dst`; the offsets are our own locals.
+            let r = unsafe {
+                libc::copy_file_range(
+                    self.file.as_raw_fd(),
+                    &mut a,
+                    dst.file.as_raw_fd(),
+                    &mut b,
+                    n,
+                    0,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                // the source ended early (a raw image's last partial sector)
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            let r = r as u64;
+            so += r;
+            d_o += r;
+            left -= r.min(left);
+        }
+        Ok(())
+    }
+
     /// Asks the kernel to drop this file's cached pages (best effort).
     pub fn drop_cache(&self) {
         // SAFETY: posix_fadvise on a valid fd.
@@ -519,4 +568,8 @@ impl SeqFile {
         }
         Ok(())
     }
+}
+
+fn einval() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::EINVAL)
 }

@@ -271,6 +271,7 @@ pub fn commit(
         progress,
         rate: o.rate.filter(|&r| r > 0),
         dense: false,
+        copy_offload: false,
     };
     engine::copy(&params)?;
     base.close()?;

@@ -1,7 +1,9 @@
 //! `convert`: copy one or more images (concatenated) into a new image of any format.
 
 use crate::error::{Error, Result};
-use crate::formats::{self, BlockDriver, CreateOpts, Format, OpenOptions};
+use crate::formats::qcow2::bitmap::{BitmapAction, MergeSource};
+use crate::formats::qcow2::Qcow2;
+use crate::formats::{self, BlockDriver, CreateOpts, Format, OpenOptions, SnapshotSel};
 use crate::ops::engine::{self, CopyParams, CopyStats, Source};
 
 /// Everything `qemu-img convert` takes.
@@ -49,6 +51,14 @@ pub struct ConvertOptions {
     pub tgt_direct: bool,
     /// Flush the target to stable storage (any `-t` but `unsafe`, qemu-img's default).
     pub tgt_flush: bool,
+    /// `-l`: convert from this internal snapshot of the (first) source, read-only.
+    pub snapshot: Option<SnapshotSel>,
+    /// `--bitmaps`: copy the persistent bitmaps of the (single) qcow2 source.
+    pub bitmaps: bool,
+    /// `--skip-broken-bitmaps`: skip inconsistent bitmaps instead of failing.
+    pub skip_broken_bitmaps: bool,
+    /// Called with each warning (e.g. a skipped bitmap) as it happens.
+    pub warn: Option<fn(&str)>,
 }
 
 impl ConvertOptions {
@@ -75,6 +85,10 @@ impl ConvertOptions {
             src_direct: false,
             tgt_direct: false,
             tgt_flush: false,
+            snapshot: None,
+            bitmaps: false,
+            skip_broken_bitmaps: false,
+            warn: None,
         }
     }
 }
@@ -106,7 +120,19 @@ pub fn convert(
         };
         srcs.push(formats::open(name, &o)?);
     }
+    // qemu sizes the target before loading the snapshot: the image's size, not the snapshot's
     let total: u64 = srcs.iter().map(|s| s.virtual_size()).sum();
+    if let Some(sel) = &opts.snapshot {
+        if matches!(sel, SnapshotSel::IdOrName(_)) && srcs.len() > 1 {
+            return Err(Error::invalid_arg(
+                "No support for concatenating multiple snapshot",
+            ));
+        }
+        srcs[0].load_snapshot_tmp(sel).map_err(|e| {
+            let msg = format!("Failed to load snapshot: {}", e.message());
+            e.with_message(msg)
+        })?;
+    }
     let target_format = Format::from_name(&opts.target_format)
         .map_err(|_| Error::invalid_arg(format!("Unknown file format '{}'", opts.target_format)))?;
     let mut topts = opts.target_opts.clone();
@@ -168,6 +194,14 @@ pub fn convert(
             ));
         }
     }
+    if opts.bitmaps {
+        if srcs.len() > 1 {
+            return Err(Error::invalid_arg(
+                "Copying bitmaps only possible with single source",
+            ));
+        }
+        check_bitmaps(srcs[0].as_ref(), opts.skip_broken_bitmaps)?;
+    }
     let to_stdout = opts.target == "-";
     if to_stdout {
         let stream =
@@ -217,6 +251,12 @@ pub fn convert(
             },
         )?
     };
+    if opts.bitmaps && !supports_bitmaps(tgt.as_ref()) {
+        return Err(Error::unsupported(format!(
+            "Format driver '{}' does not support bitmaps",
+            tgt.format()
+        )));
+    }
     if opts.no_create && tgt.virtual_size() < total {
         return Err(Error::invalid_arg("output file is smaller than input file"));
     }
@@ -232,7 +272,7 @@ pub fn convert(
         target_is_zero: !opts.no_create || opts.target_is_zero,
         top_only: backing.is_some(),
         target_has_backing: backing.is_some(),
-        sparse_size: if opts.copy_range { 0 } else { opts.sparse_size },
+        sparse_size: opts.sparse_size,
         compress: opts.compress || tgt.compresses_writes(),
         cluster_size: tgt.cluster_size().unwrap_or(512),
         workers: opts.workers,
@@ -240,10 +280,117 @@ pub fn convert(
         salvage: opts.salvage,
         progress,
         rate: opts.rate,
-        // -S 0 (and -C) copy every byte, holes included, as qemu-img does
-        dense: opts.copy_range || opts.sparse_size == 0,
+        // -S 0 copies every byte, holes included, as qemu-img does
+        dense: opts.sparse_size == 0,
+        copy_offload: opts.copy_range && offload_capable(&srcs, tgt.as_ref()),
     };
     let stats = engine::copy(&params)?;
-    tgt.close()?;
+    if opts.bitmaps {
+        let r = copy_bitmaps(srcs[0].as_ref(), tgt.as_ref(), opts);
+        let closed = tgt.close();
+        r?;
+        closed?;
+    } else {
+        tgt.close()?;
+    }
     Ok(stats)
+}
+
+/// Can a `-C` copy range go through every layer, as qemu's drivers allow (raw and qcow2
+/// implement copy offloading; the others make qemu fall back to reading and writing)?
+fn offload_capable(srcs: &[Box<dyn BlockDriver>], tgt: &dyn BlockDriver) -> bool {
+    let ok = |f: Format| matches!(f, Format::Raw | Format::Qcow2);
+    srcs.iter().all(|s| {
+        let mut cur: Option<&dyn BlockDriver> = Some(s.as_ref());
+        while let Some(c) = cur {
+            if !ok(c.format()) {
+                return false;
+            }
+            cur = c.backing();
+        }
+        true
+    }) && ok(tgt.format())
+}
+
+/// Does the image store persistent bitmaps (qcow2 v3)?
+fn supports_bitmaps(img: &dyn BlockDriver) -> bool {
+    img.as_any()
+        .downcast_ref::<Qcow2>()
+        .is_some_and(|q| q.header().version >= 3)
+}
+
+/// qemu-img's `convert_check_bitmaps`.
+fn check_bitmaps(src: &dyn BlockDriver, skip_broken: bool) -> Result<()> {
+    if !supports_bitmaps(src) {
+        return Err(Error::unsupported("Source lacks bitmap support"));
+    }
+    let q = src.as_any().downcast_ref::<Qcow2>().expect("qcow2");
+    if !skip_broken {
+        if let Some(b) = q.bitmap_list().iter().find(|b| b.flags & 1 != 0) {
+            return Err(Error::invalid_arg(format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                b.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// qemu-img's `convert_copy_bitmaps`: each persistent bitmap of the source is added to the
+/// target (same granularity, same enabled state) and filled from the source's bits.
+fn copy_bitmaps(src: &dyn BlockDriver, tgt: &dyn BlockDriver, opts: &ConvertOptions) -> Result<()> {
+    let (Some(sq), Some(tq)) = (
+        src.as_any().downcast_ref::<Qcow2>(),
+        tgt.as_any().downcast_ref::<Qcow2>(),
+    ) else {
+        return Ok(());
+    };
+    if sq.bitmap_list().is_empty() {
+        return Ok(());
+    }
+    let mut ed = tq.bitmap_editor()?;
+    let mut result = Ok(());
+    for b in sq.bitmap_list() {
+        let name = &b.name;
+        if b.flags & 1 != 0 {
+            if let Some(w) = opts.warn {
+                w(&format!("Skipping inconsistent bitmap '{name}'"));
+            }
+            continue;
+        }
+        let add = BitmapAction::Add {
+            granularity: Some(b.granularity),
+        };
+        let disable = b.flags & 2 == 0;
+        let created = ed.apply(name, &add).and_then(|()| {
+            if disable {
+                ed.apply(name, &BitmapAction::Disable)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = created {
+            let msg = format!("Failed to create bitmap {name}: {}", e.message());
+            result = Err(e.with_message(msg));
+            break;
+        }
+        let merged = sq.read_bitmap(name).and_then(|data| {
+            ed.apply(
+                name,
+                &BitmapAction::Merge {
+                    source: name.clone(),
+                    from: MergeSource::Other(data),
+                },
+            )
+        });
+        if let Err(e) = merged {
+            let _ = ed.apply(name, &BitmapAction::Remove);
+            let msg = format!("Failed to populate bitmap {name}: {}", e.message());
+            result = Err(e.with_message(msg));
+            break;
+        }
+    }
+    let stored = ed.commit();
+    result?;
+    stored
 }

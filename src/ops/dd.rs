@@ -104,6 +104,7 @@ pub fn dd(o: &DdOptions) -> Result<DdResult> {
         progress: None,
         rate: None,
         dense: true,
+        copy_offload: false,
     };
     engine::copy(&params)?;
     dst.close()?;

@@ -112,6 +112,10 @@ pub struct CopyParams<'a> {
     pub rate: Option<u64>,
     /// Read and write every byte, zeroes and holes included (`dd`).
     pub dense: bool,
+    /// `convert -C`: data runs are copied as they are, without zero detection, and between
+    /// two raw files on the host inside the kernel (copy_file_range(2)); after the first
+    /// failure of the kernel copy, reading and writing with zero detection, as qemu-img does.
+    pub copy_offload: bool,
 }
 
 /// What a copy did.
@@ -152,6 +156,7 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
     let done = AtomicU64::new(0);
     let stats = Mutex::new(CopyStats::default());
     let start = std::time::Instant::now();
+    let offload = AtomicBool::new(p.copy_offload);
 
     let (tx, rx) = sync_channel::<Item>(workers * 2);
     let rx = Mutex::new(rx);
@@ -181,7 +186,16 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                     if failed.load(Ordering::SeqCst) {
                         continue;
                     }
-                    let r = process(p, &item, &mut buf, &next_write, &turn, &failed, &stats);
+                    let r = process(
+                        p,
+                        &item,
+                        &mut buf,
+                        &next_write,
+                        &turn,
+                        &failed,
+                        &stats,
+                        &offload,
+                    );
                     match r {
                         Ok(()) => {
                             let d = done.fetch_add(item.len, Ordering::SeqCst) + item.len;
@@ -239,7 +253,9 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                         let has_data = runs.iter().any(|r| r.2 == Status::Data);
                         let has_backing = runs.iter().any(|r| r.2 == Status::Backing);
                         // Without zero detection (-S 0) a zero run must stay a zero run.
-                        let mergeable = p.sparse_size > 0 || p.compress;
+                        // Nor may it with copy offloading (data runs are copied as they are).
+                        let mergeable =
+                            (p.sparse_size > 0 || p.compress) && !offload.load(Ordering::SeqCst);
                         if has_data && !has_backing && mergeable {
                             if !emit(si, off, wend - off, Status::Data) {
                                 return Ok(());
@@ -333,6 +349,7 @@ fn process(
     turn: &Condvar,
     failed: &AtomicBool,
     stats: &Mutex<CopyStats>,
+    offload: &AtomicBool,
 ) -> Result<()> {
     let src = &p.sources[item.src];
     let toff = src.target_offset + (item.offset - src.start);
@@ -346,60 +363,116 @@ fn process(
                 ops.push(Op::Zero(toff, item.len));
             }
         }
+        Status::Data if offload.load(Ordering::SeqCst) => match raw_files(src.img, p.target) {
+            // the kernel copies between two raw files; any failure falls back for good
+            Some((sf, tf)) => {
+                if sf.copy_range_to(item.offset, tf, toff, item.len).is_ok() {
+                    st.bytes_read += item.len;
+                    st.bytes_written += item.len;
+                } else {
+                    offload.store(false, Ordering::SeqCst);
+                    read_and_plan(p, item, src, toff, buf, need_zero_writes, &mut ops, &mut st)?;
+                }
+            }
+            // through the drivers: the data as it is, zeroes included
+            None => {
+                let n = item.len as usize;
+                buf.resize(n, 0);
+                src.img.read_at(&mut buf[..n], item.offset)?;
+                st.bytes_read += item.len;
+                ops.push(Op::Write(toff, 0..n));
+            }
+        },
         Status::Data => {
-            let n = item.len as usize;
-            buf.resize(n, 0);
-            match src.img.read_at(&mut buf[..n], item.offset) {
-                Ok(()) => st.bytes_read += item.len,
-                Err(e) if p.salvage => {
-                    let _ = e;
-                    // Retry sector by sector; unreadable sectors become zero.
-                    for (i, sec) in buf[..n].chunks_mut(512).enumerate() {
-                        if src.img.read_at(sec, item.offset + i as u64 * 512).is_err() {
-                            sec.fill(0);
-                            st.salvaged_errors += 1;
-                        }
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-            if p.compress {
-                let cs = p.cluster_size as usize;
-                let mut pos = 0usize;
-                while pos < n {
-                    // clusters are aligned in the target; chunk starts are cluster-aligned
-                    let in_cluster = ((toff + pos as u64) % cs as u64) as usize;
-                    let len = (cs - in_cluster).min(n - pos);
-                    let part = &buf[pos..pos + len];
-                    if is_zero(part) {
-                        if need_zero_writes {
-                            ops.push(Op::Zero(toff + pos as u64, len as u64));
-                        }
-                    } else if in_cluster == 0
-                        && (len == cs || toff + (pos + len) as u64 >= p.target.virtual_size())
-                    {
-                        let off = toff + pos as u64;
-                        match p.target.compress_cluster(part, off)? {
-                            Some(data) => ops.push(Op::Prepared(off, data, len as u64)),
-                            None => ops.push(Op::Compressed(off, pos..pos + len)),
-                        }
-                    } else {
-                        ops.push(Op::Write(toff + pos as u64, pos..pos + len));
-                    }
-                    pos += len;
-                }
-            } else {
-                plan_sparse(
-                    buf,
-                    n,
-                    toff,
-                    p.sparse_size as usize,
-                    need_zero_writes,
-                    &mut ops,
-                );
-            }
+            read_and_plan(p, item, src, toff, buf, need_zero_writes, &mut ops, &mut st)?;
         }
     }
+    finish(p, item, buf, ops, st, next_write, turn, failed, stats)
+}
+
+/// The host files of a raw source and a raw target, for copy offloading.
+fn raw_files<'a>(
+    src: &'a dyn BlockDriver,
+    tgt: &'a dyn BlockDriver,
+) -> Option<(&'a crate::io::HostFile, &'a crate::io::HostFile)> {
+    use crate::formats::raw::RawDriver;
+    let s = src.as_any().downcast_ref::<RawDriver>()?;
+    let t = tgt.as_any().downcast_ref::<RawDriver>()?;
+    Some((s.file(), t.file()))
+}
+
+/// Reads a data item and plans its writes (zero detection, compression).
+#[allow(clippy::too_many_arguments)]
+fn read_and_plan(
+    p: &CopyParams,
+    item: &Item,
+    src: &Source,
+    toff: u64,
+    buf: &mut Vec<u8>,
+    need_zero_writes: bool,
+    ops: &mut Vec<Op>,
+    st: &mut CopyStats,
+) -> Result<()> {
+    let n = item.len as usize;
+    buf.resize(n, 0);
+    match src.img.read_at(&mut buf[..n], item.offset) {
+        Ok(()) => st.bytes_read += item.len,
+        Err(e) if p.salvage => {
+            let _ = e;
+            // Retry sector by sector; unreadable sectors become zero.
+            for (i, sec) in buf[..n].chunks_mut(512).enumerate() {
+                if src.img.read_at(sec, item.offset + i as u64 * 512).is_err() {
+                    sec.fill(0);
+                    st.salvaged_errors += 1;
+                }
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    if p.compress {
+        let cs = p.cluster_size as usize;
+        let mut pos = 0usize;
+        while pos < n {
+            // clusters are aligned in the target; chunk starts are cluster-aligned
+            let in_cluster = ((toff + pos as u64) % cs as u64) as usize;
+            let len = (cs - in_cluster).min(n - pos);
+            let part = &buf[pos..pos + len];
+            if is_zero(part) {
+                if need_zero_writes {
+                    ops.push(Op::Zero(toff + pos as u64, len as u64));
+                }
+            } else if in_cluster == 0
+                && (len == cs || toff + (pos + len) as u64 >= p.target.virtual_size())
+            {
+                let off = toff + pos as u64;
+                match p.target.compress_cluster(part, off)? {
+                    Some(data) => ops.push(Op::Prepared(off, data, len as u64)),
+                    None => ops.push(Op::Compressed(off, pos..pos + len)),
+                }
+            } else {
+                ops.push(Op::Write(toff + pos as u64, pos..pos + len));
+            }
+            pos += len;
+        }
+    } else {
+        plan_sparse(buf, n, toff, p.sparse_size as usize, need_zero_writes, ops);
+    }
+    Ok(())
+}
+
+/// Waits for the item's turn (in order) and performs its writes.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    p: &CopyParams,
+    item: &Item,
+    buf: &[u8],
+    ops: Vec<Op>,
+    mut st: CopyStats,
+    next_write: &Mutex<u64>,
+    turn: &Condvar,
+    failed: &AtomicBool,
+    stats: &Mutex<CopyStats>,
+) -> Result<()> {
     // Wait for our turn (in-order mode).
     if !p.out_of_order {
         let mut g = next_write.lock().unwrap_or_else(|e| e.into_inner());

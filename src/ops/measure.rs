@@ -2,7 +2,7 @@
 
 use crate::error::Result;
 use crate::formats::measure::{self, Measure, MeasureSource};
-use crate::formats::{self, CreateOpts, Format, OpenOptions};
+use crate::formats::{self, BlockDriver, CreateOpts, Format, OpenOptions, SnapshotSel};
 use crate::ops::map::block_status;
 use crate::qjson::Json;
 
@@ -21,6 +21,16 @@ pub struct MeasureOptions {
     pub source_format: Option<Format>,
     /// `-U`
     pub force_share: bool,
+    /// `-l`: measure the guest view of this internal snapshot.
+    pub snapshot: Option<SnapshotSel>,
+}
+
+/// Loads an internal snapshot read-only, with qemu-img's error prefix.
+pub fn load_snapshot(img: &dyn BlockDriver, sel: &SnapshotSel) -> Result<()> {
+    img.load_snapshot_tmp(sel).map_err(|e| {
+        let msg = format!("Failed to load snapshot: {}", e.message());
+        e.with_message(msg)
+    })
 }
 
 /// Measures.
@@ -36,6 +46,9 @@ pub fn measure(o: &MeasureOptions) -> Result<Measure> {
             ..OpenOptions::default()
         },
     )?;
+    if let Some(sel) = &o.snapshot {
+        load_snapshot(img.as_ref(), sel)?;
+    }
     let size = img.virtual_size();
     let data_bytes = |cluster: u64| -> Result<u64> {
         // qemu counts every cluster that a data run touches

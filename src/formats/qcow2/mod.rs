@@ -695,6 +695,10 @@ impl BlockDriver for Qcow2 {
         self.set_backing_file_impl(name, format)
     }
 
+    fn load_snapshot_tmp(&self, sel: &crate::formats::SnapshotSel) -> Result<()> {
+        self.load_snapshot_tmp_impl(sel)
+    }
+
     fn info(&self) -> Result<ImageInfo> {
         let mut info = ImageInfo::new(&self.filename, Format::Qcow2, self.size);
         info.cluster_size = Some(self.cs);

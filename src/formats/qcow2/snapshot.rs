@@ -543,3 +543,74 @@ pub fn list(q: &Qcow2) -> Result<Vec<crate::formats::SnapshotInfo>> {
     }
     Ok(read_table(q)?.iter().map(SnapEntry::info).collect())
 }
+
+impl Qcow2 {
+    /// The index of the snapshot whose given parts (ID, name) all match.
+    fn find_exact(&self, id: Option<&str>, name: Option<&str>) -> Option<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+    }
+
+    /// One attempt of qemu's `qcow2_snapshot_load_tmp`: swaps the active L1 table for the
+    /// snapshot's, in memory only.
+    fn load_tmp_exact(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        if id.is_none() && name.is_none() {
+            return Err(Error::invalid_arg("snapshot_id and name are both NULL"));
+        }
+        if self.writable {
+            return Err(Error::invalid_arg("Device is not readonly"));
+        }
+        let Some(i) = self.find_exact(id, name) else {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "Can't find snapshot",
+            ));
+        };
+        let sn = &self.snapshots[i];
+        // validated when the table was read; checked again before anything is allocated
+        super::header::validate_table(
+            "Snapshot L1 table",
+            sn.l1_table_offset,
+            sn.l1_size as u64,
+            8,
+            super::header::MAX_L1_BYTES,
+            self.cs,
+        )?;
+        let mut raw = vec![0u8; sn.l1_size as usize * 8];
+        self.file
+            .read_at(&mut raw, sn.l1_table_offset)
+            .map_err(|e| e.with_message("Failed to read l1 table for snapshot"))?;
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        let mut m = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        m.l1 = l1;
+        m.l1_offset = sn.l1_table_offset;
+        m.l1_dirty = false;
+        drop(m);
+        self.invalidate_ccache();
+        Ok(())
+    }
+
+    /// qemu's `bdrv_snapshot_load_tmp` (and its by-ID-or-name variant) for qcow2.
+    pub(crate) fn load_snapshot_tmp_impl(&self, sel: &crate::formats::SnapshotSel) -> Result<()> {
+        use crate::formats::SnapshotSel;
+        match sel {
+            SnapshotSel::Exact { id, name } => self.load_tmp_exact(id.as_deref(), name.as_deref()),
+            SnapshotSel::IdOrName(s) => match self.load_tmp_exact(Some(s), None) {
+                // qemu retries by name after ENOENT or EINVAL
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::InvalidArgument | ErrorKind::InvalidImage
+                    ) =>
+                {
+                    self.load_tmp_exact(None, Some(s))
+                }
+                r => r,
+            },
+        }
+    }
+}
