@@ -241,12 +241,17 @@ impl Prealloc {
 /// Sets a file to `size` bytes with the given preallocation (growing only the new part).
 pub fn preallocate(file: &HostFile, from: u64, size: u64, mode: Prealloc) -> Result<()> {
     match mode {
-        Prealloc::Off => file.set_len(size),
+        Prealloc::Off => {
+            file.set_len(size)?;
+            allocate_first_block(file, from, size);
+            Ok(())
+        }
         Prealloc::Falloc => {
             file.set_len(size)?;
             if size > from {
                 file.allocate(from, size - from)?;
             }
+            allocate_first_block(file, from, size);
             Ok(())
         }
         Prealloc::Full => {
@@ -264,6 +269,16 @@ pub fn preallocate(file: &HostFile, from: u64, size: u64, mode: Prealloc) -> Res
     }
 }
 
+/// A file grown from empty gets its first block written (zeros: 4 KiB, or one sector when
+/// smaller), as QEMU does so that alignment probing finds real data there; `map` then shows
+/// that block as data, in both tools' output. Failures are ignored, as QEMU ignores them.
+fn allocate_first_block(file: &HostFile, from: u64, size: u64) {
+    if from == 0 && size > 0 {
+        let n = if size < 4096 { 512 } else { 4096 };
+        let _ = file.write_at(&[0u8; 4096][..n], 0);
+    }
+}
+
 /// Creates a raw image.
 pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
     opts.check_known(PROTOCOL_OPTS, filename)?;
@@ -271,6 +286,10 @@ pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
         Error::invalid_arg(format!("{filename}: Image creation needs a size parameter"))
     })?;
     let mode = Prealloc::parse(opts.get("preallocation"), false)?.unwrap_or(Prealloc::Off);
+    // the file is a whole number of sectors, as QEMU makes it
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| Error::invalid_arg(format!("{filename}: Image size is too large")))?;
     let file =
         HostFile::open(filename, &HostOpenOptions::create()).map_err(|e| e.context(filename))?;
     preallocate(&file, 0, size, mode)?;
