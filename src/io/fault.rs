@@ -6,6 +6,7 @@
 //! fails the next operation with an OS error (EIO, ENOSPC).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -102,5 +103,41 @@ impl FaultInjector {
             return Ok(());
         }
         self.tick("read", offset).map(|_| ())
+    }
+}
+
+/// The process-wide injector (a test hook, see [`install_global`]).
+static GLOBAL: Mutex<Option<Arc<FaultInjector>>> = Mutex::new(None);
+
+/// Test hook: installs `inj` as the injector of every host file opened from now on whose
+/// options carry none (reads and writes alike; reads only tick with
+/// [`FaultInjector::counting_reads`]), or uninstalls it with `None`. Files already open keep
+/// what they had. Lets crash tests reach files that library calls (`ops::*`) open themselves.
+/// Process-global: tests using it must not run concurrently with other I/O tests of the same
+/// binary. The `diskit` binary never installs one.
+pub fn install_global(inj: Option<Arc<FaultInjector>>) {
+    *GLOBAL.lock().unwrap_or_else(|p| p.into_inner()) = inj;
+}
+
+/// The injector installed by [`install_global`], if any.
+pub fn global() -> Option<Arc<FaultInjector>> {
+    GLOBAL.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Installs an injector for as long as the guard lives (uninstalled on drop, even on panic).
+#[derive(Debug)]
+pub struct GlobalGuard(());
+
+impl GlobalGuard {
+    /// Installs `inj` globally until the guard is dropped.
+    pub fn install(inj: Arc<FaultInjector>) -> GlobalGuard {
+        install_global(Some(inj));
+        GlobalGuard(())
+    }
+}
+
+impl Drop for GlobalGuard {
+    fn drop(&mut self) {
+        install_global(None);
     }
 }

@@ -31,7 +31,8 @@ pub struct HostOpenOptions {
     pub direct: bool,
     /// `cache=unsafe`: flushes are skipped (what qemu-img convert does to its target).
     pub no_flush: bool,
-    /// Optional fault injector (tests).
+    /// Optional fault injector (tests); when `None`, the one installed with
+    /// [`fault::install_global`], if any.
     pub faults: Option<Arc<FaultInjector>>,
 }
 
@@ -106,7 +107,8 @@ impl HostFile {
             writable: opts.write || opts.create,
             direct: opts.direct,
             no_flush: opts.no_flush,
-            faults: opts.faults.clone(),
+            // the test hook of fault.rs reaches files opened inside library calls
+            faults: opts.faults.clone().or_else(fault::global),
         })
     }
 
