@@ -8,8 +8,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::error::{Error, Result};
-
 /// What happens once the countdown is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultMode {
@@ -59,18 +57,14 @@ impl FaultInjector {
         self.fired.load(Ordering::SeqCst)
     }
 
-    /// Returns Ok(true) to perform the operation, Ok(false) to drop it, Err to fail it.
-    fn tick(&self, what: &str, offset: u64) -> Result<bool> {
+    /// Returns Ok(true) to perform the operation, Ok(false) to drop it, Err to fail it (the
+    /// host file reports that OS error exactly as a real one, naming itself and the offset).
+    fn tick(&self) -> std::io::Result<bool> {
         let n = self.count.fetch_add(1, Ordering::SeqCst);
         if n < self.after {
             return Ok(true);
         }
-        let fail = |errno: i32| {
-            Err(Error::io(
-                std::io::Error::from_raw_os_error(errno),
-                format!("injected fault: {what} at offset {offset:#x}"),
-            ))
-        };
+        let fail = |errno: i32| Err(std::io::Error::from_raw_os_error(errno));
         match self.mode {
             FaultMode::StopWrites => {
                 self.fired.store(true, Ordering::SeqCst);
@@ -90,19 +84,19 @@ impl FaultInjector {
         }
     }
 
-    pub(crate) fn on_write(&self, offset: u64, _len: usize) -> Result<bool> {
-        self.tick("write", offset)
+    pub(crate) fn on_write(&self, _offset: u64, _len: usize) -> std::io::Result<bool> {
+        self.tick()
     }
 
-    pub(crate) fn on_flush(&self) -> Result<bool> {
-        self.tick("flush", 0)
+    pub(crate) fn on_flush(&self) -> std::io::Result<bool> {
+        self.tick()
     }
 
-    pub(crate) fn on_read(&self, offset: u64, _len: usize) -> Result<()> {
+    pub(crate) fn on_read(&self, _offset: u64, _len: usize) -> std::io::Result<()> {
         if !self.fail_reads || matches!(self.mode, FaultMode::StopWrites) {
             return Ok(());
         }
-        self.tick("read", offset).map(|_| ())
+        self.tick().map(|_| ())
     }
 }
 
