@@ -6,8 +6,7 @@
 //! fails the next operation with an OS error (EIO, ENOSPC).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-use crate::error::{Error, Result};
+use std::sync::{Arc, Mutex};
 
 /// What happens once the countdown is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,18 +57,14 @@ impl FaultInjector {
         self.fired.load(Ordering::SeqCst)
     }
 
-    /// Returns Ok(true) to perform the operation, Ok(false) to drop it, Err to fail it.
-    fn tick(&self, what: &str, offset: u64) -> Result<bool> {
+    /// Returns Ok(true) to perform the operation, Ok(false) to drop it, Err to fail it (the
+    /// host file reports that OS error exactly as a real one, naming itself and the offset).
+    fn tick(&self) -> std::io::Result<bool> {
         let n = self.count.fetch_add(1, Ordering::SeqCst);
         if n < self.after {
             return Ok(true);
         }
-        let fail = |errno: i32| {
-            Err(Error::io(
-                std::io::Error::from_raw_os_error(errno),
-                format!("injected fault: {what} at offset {offset:#x}"),
-            ))
-        };
+        let fail = |errno: i32| Err(std::io::Error::from_raw_os_error(errno));
         match self.mode {
             FaultMode::StopWrites => {
                 self.fired.store(true, Ordering::SeqCst);
@@ -89,18 +84,54 @@ impl FaultInjector {
         }
     }
 
-    pub(crate) fn on_write(&self, offset: u64, _len: usize) -> Result<bool> {
-        self.tick("write", offset)
+    pub(crate) fn on_write(&self, _offset: u64, _len: usize) -> std::io::Result<bool> {
+        self.tick()
     }
 
-    pub(crate) fn on_flush(&self) -> Result<bool> {
-        self.tick("flush", 0)
+    pub(crate) fn on_flush(&self) -> std::io::Result<bool> {
+        self.tick()
     }
 
-    pub(crate) fn on_read(&self, offset: u64, _len: usize) -> Result<()> {
+    pub(crate) fn on_read(&self, _offset: u64, _len: usize) -> std::io::Result<()> {
         if !self.fail_reads || matches!(self.mode, FaultMode::StopWrites) {
             return Ok(());
         }
-        self.tick("read", offset).map(|_| ())
+        self.tick().map(|_| ())
+    }
+}
+
+/// The process-wide injector (a test hook, see [`install_global`]).
+static GLOBAL: Mutex<Option<Arc<FaultInjector>>> = Mutex::new(None);
+
+/// Test hook: installs `inj` as the injector of every host file opened from now on whose
+/// options carry none (reads and writes alike; reads only tick with
+/// [`FaultInjector::counting_reads`]), or uninstalls it with `None`. Files already open keep
+/// what they had. Lets crash tests reach files that library calls (`ops::*`) open themselves.
+/// Process-global: tests using it must not run concurrently with other I/O tests of the same
+/// binary. The `diskit` binary never installs one.
+pub fn install_global(inj: Option<Arc<FaultInjector>>) {
+    *GLOBAL.lock().unwrap_or_else(|p| p.into_inner()) = inj;
+}
+
+/// The injector installed by [`install_global`], if any.
+pub fn global() -> Option<Arc<FaultInjector>> {
+    GLOBAL.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Installs an injector for as long as the guard lives (uninstalled on drop, even on panic).
+#[derive(Debug)]
+pub struct GlobalGuard(());
+
+impl GlobalGuard {
+    /// Installs `inj` globally until the guard is dropped.
+    pub fn install(inj: Arc<FaultInjector>) -> GlobalGuard {
+        install_global(Some(inj));
+        GlobalGuard(())
+    }
+}
+
+impl Drop for GlobalGuard {
+    fn drop(&mut self) {
+        install_global(None);
     }
 }

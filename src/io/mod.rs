@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -31,7 +32,8 @@ pub struct HostOpenOptions {
     pub direct: bool,
     /// `cache=unsafe`: flushes are skipped (what qemu-img convert does to its target).
     pub no_flush: bool,
-    /// Optional fault injector (tests).
+    /// Optional fault injector (tests); when `None`, the one installed with
+    /// [`fault::install_global`], if any.
     pub faults: Option<Arc<FaultInjector>>,
 }
 
@@ -74,6 +76,9 @@ pub struct HostFile {
     direct: bool,
     no_flush: bool,
     faults: Option<Arc<FaultInjector>>,
+    /// Written to since the last successful sync: a sync with nothing to flush is skipped
+    /// (so that closing twice, or dropping after a close, cannot fail).
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl HostFile {
@@ -106,7 +111,9 @@ impl HostFile {
             writable: opts.write || opts.create,
             direct: opts.direct,
             no_flush: opts.no_flush,
-            faults: opts.faults.clone(),
+            // the test hook of fault.rs reaches files opened inside library calls
+            faults: opts.faults.clone().or_else(fault::global),
+            unsynced: std::sync::atomic::AtomicBool::new(opts.create),
         })
     }
 
@@ -157,7 +164,8 @@ impl HostFile {
             }
         }
         if let Some(f) = &self.faults {
-            f.on_read(offset, buf.len())?;
+            f.on_read(offset, buf.len())
+                .map_err(|e| self.err(e, "read", offset))?;
         }
         Ok(())
     }
@@ -185,8 +193,12 @@ impl HostFile {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _unsynced = Unsynced(&self.unsynced);
         if let Some(f) = &self.faults {
-            if !f.on_write(offset, buf.len())? {
+            if !f
+                .on_write(offset, buf.len())
+                .map_err(|e| self.err(e, "write", offset))?
+            {
                 return Ok(());
             }
         }
@@ -223,8 +235,12 @@ impl HostFile {
 
     /// Truncates or extends the file.
     pub fn set_len(&self, len: u64) -> Result<()> {
+        let _unsynced = Unsynced(&self.unsynced);
         if let Some(f) = &self.faults {
-            if !f.on_write(len, 0)? {
+            if !f
+                .on_write(len, 0)
+                .map_err(|e| self.err(e, "truncate", len))?
+            {
                 return Ok(());
             }
         }
@@ -233,19 +249,29 @@ impl HostFile {
             .map_err(|e| self.err(e, "truncate", len))
     }
 
-    /// fdatasync: data and the metadata needed to read it.
+    fn mark_unsynced(&self) {
+        self.unsynced.store(true, Ordering::SeqCst);
+    }
+
+    /// fdatasync: data and the metadata needed to read it. Skipped when nothing was written
+    /// through this file since the last successful sync.
     pub fn sync(&self) -> Result<()> {
         if self.no_flush {
             return Ok(());
         }
+        if !self.unsynced.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let failed = |e| {
+            self.mark_unsynced();
+            Error::io(e, format!("{}: flush failed", self.display))
+        };
         if let Some(f) = &self.faults {
-            if !f.on_flush()? {
+            if !f.on_flush().map_err(failed)? {
                 return Ok(());
             }
         }
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(e, format!("{}: flush failed", self.display)))?;
+        self.file.sync_data().map_err(failed)?;
         if self.direct {
             self.drop_cache();
         }
@@ -368,8 +394,12 @@ impl HostFile {
         if len == 0 {
             return Ok(true);
         }
+        let _unsynced = Unsynced(&self.unsynced);
         if let Some(f) = &self.faults {
-            if !f.on_write(offset, len as usize)? {
+            if !f
+                .on_write(offset, len as usize)
+                .map_err(|e| self.err(e, "punch hole", offset))?
+            {
                 return Ok(true);
             }
         }
@@ -390,8 +420,12 @@ impl HostFile {
         if len == 0 {
             return Ok(());
         }
+        let _unsynced = Unsynced(&self.unsynced);
         if let Some(f) = &self.faults {
-            if !f.on_write(offset, len as usize)? {
+            if !f
+                .on_write(offset, len as usize)
+                .map_err(|e| self.err(e, "write zeroes", offset))?
+            {
                 return Ok(());
             }
         }
@@ -414,16 +448,30 @@ impl HostFile {
 
     /// Preallocates a range (posix_fallocate semantics, keeps data).
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let _unsynced = Unsynced(&self.unsynced);
         if len == 0 {
             return Ok(());
         }
         if let Some(f) = &self.faults {
-            if !f.on_write(offset, len as usize)? {
+            if !f
+                .on_write(offset, len as usize)
+                .map_err(|e| self.err(e, "preallocate", offset))?
+            {
                 return Ok(());
             }
         }
         self.fallocate(0, offset, len)
             .map_err(|e| self.err(e, "preallocate", offset))
+    }
+}
+
+/// Marks a file as written to since its last sync when dropped, that is once the write is
+/// done: a concurrent sync then never clears the mark of a write it may not cover.
+struct Unsynced<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Unsynced<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 

@@ -498,7 +498,10 @@ pub fn create_with(filename: &str, p: &Qcow2CreateParams) -> Result<()> {
         unknown_exts: Vec::new(),
         backing_file: p.backing_file.clone(),
     };
-    let hb = h.serialize().map_err(|e| e.context(filename))?;
+    // The magic is written last, once the image is complete: until then a crash leaves a
+    // file that is not taken for a qcow2 image (rather than one without its tables or size).
+    let mut hb = h.serialize().map_err(|e| e.context(filename))?;
+    hb[..4].fill(0);
     file.write_at(&hb, 0)?;
     // refcount table (cluster 1) with one block (cluster 2) counting clusters 0..=2
     let mut rt = vec![0u8; cs as usize];
@@ -523,7 +526,7 @@ pub fn create_with(filename: &str, p: &Qcow2CreateParams) -> Result<()> {
         chain: Vec::new(),
         probed: false,
     };
-    let q = Qcow2::open(file, filename, &ctx).map_err(|e| e.context(filename))?;
+    let q = Qcow2::open_unstamped(file, filename, &ctx).map_err(|e| e.context(filename))?;
     q.set_size_new(p.size)?;
     if p.prealloc != Prealloc::Off {
         q.preallocate(p.prealloc, p.size)?;
@@ -549,6 +552,8 @@ pub fn create_with(filename: &str, p: &Qcow2CreateParams) -> Result<()> {
         }
     }
     q.close()?;
+    q.file.write_at(&header::QCOW_MAGIC.to_be_bytes(), 0)?;
+    q.file.sync()?;
     Ok(())
 }
 

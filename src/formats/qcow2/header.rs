@@ -204,10 +204,21 @@ impl Header {
     /// Reads the header; `check_mode` leaves the snapshot table fields unvalidated (the
     /// check reports them), as qemu does for `qemu-img check`.
     pub fn read_mode(file: &HostFile, check_mode: bool) -> Result<Header> {
+        Header::read_impl(file, check_mode, false)
+    }
+
+    /// Reads the header of an image being created, whose magic is written last (until then
+    /// a crash leaves a file nobody takes for a qcow2 image).
+    pub(crate) fn read_unstamped(file: &HostFile) -> Result<Header> {
+        Header::read_impl(file, false, true)
+    }
+
+    fn read_impl(file: &HostFile, check_mode: bool, unstamped: bool) -> Result<Header> {
         let mut b = [0u8; 112];
         file.read_at(&mut b, 0)?;
         let flen = file.len()?;
-        if flen < 72 || be32(&b, 0) != QCOW_MAGIC {
+        let magic_ok = be32(&b, 0) == QCOW_MAGIC || (unstamped && be32(&b, 0) == 0);
+        if flen < 72 || !magic_ok {
             return Err(Error::invalid_image("Image is not in qcow2 format"));
         }
         let version = be32(&b, 4);

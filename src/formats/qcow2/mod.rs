@@ -104,8 +104,21 @@ pub fn open(file: HostFile, filename: &str, ctx: &OpenCtx) -> Result<Box<dyn Blo
 impl Qcow2 {
     /// Opens a qcow2 image on an open host file.
     pub fn open(file: HostFile, filename: &str, ctx: &OpenCtx) -> Result<Qcow2> {
+        Qcow2::open_impl(file, filename, ctx, false)
+    }
+
+    /// Opens an image being created, whose magic is not written yet.
+    pub(crate) fn open_unstamped(file: HostFile, filename: &str, ctx: &OpenCtx) -> Result<Qcow2> {
+        Qcow2::open_impl(file, filename, ctx, true)
+    }
+
+    fn open_impl(file: HostFile, filename: &str, ctx: &OpenCtx, unstamped: bool) -> Result<Qcow2> {
         let check_mode = ctx.opts.check;
-        let hdr = Header::read_mode(&file, check_mode)?;
+        let hdr = if unstamped {
+            Header::read_unstamped(&file)?
+        } else {
+            Header::read_mode(&file, check_mode)?
+        };
         let writable = ctx.opts.write;
         if hdr.incompatible & header::INCOMPAT_CORRUPT != 0 && writable && !check_mode {
             return Err(Error::new(

@@ -75,13 +75,18 @@ impl Qcow2 {
                     "Preallocation can't be used for shrinking an image",
                 ));
             }
+            // The new size first: a crash then leaves the smaller image with clusters past
+            // its end still referenced or leaked, never the old size with its tail gone.
+            self.file.write_at(&new.to_be_bytes(), 24)?;
+            self.file.sync()?;
             self.shrink(m, old, new)?;
+            self.flush_meta(m)?;
         } else {
             self.grow(m, old, new, mode)?;
+            self.flush_meta(m)?;
+            self.file.write_at(&new.to_be_bytes(), 24)?;
+            self.file.sync()?;
         }
-        self.flush_meta(m)?;
-        self.file.write_at(&new.to_be_bytes(), 24)?;
-        self.file.sync()?;
         super::bitmap::resize_bitmaps(self, m, new)?;
         Ok(())
     }

@@ -116,7 +116,8 @@ pub(crate) fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
     let blocks = size.div_ceil(bs) as u32;
     let mut hdr = Header::new_qemu(size, DEFAULT_BLOCK_SIZE, blocks, fixed)?;
     hdr.store();
-    file.write_at(&hdr.raw, 0)?;
+    // The header (and its signature) goes last: a crash before leaves no VDI image that
+    // lacks its block map.
     // The map, written in pieces (up to 2 GiB for the largest image).
     let bmap_size = hdr.offset_data as u64 - hdr.offset_bmap as u64;
     let mut off = 0u64;
@@ -141,6 +142,8 @@ pub(crate) fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
     if fixed {
         file.set_len(hdr.offset_data as u64 + blocks as u64 * bs)?;
     }
+    file.sync()?;
+    file.write_at(&hdr.raw, 0)?;
     file.sync()
 }
 

@@ -246,9 +246,10 @@ pub fn sparse_layout(size: u64, zeroed_grain: bool) -> Result<(SparseHeader, u64
     Ok((h, gt_count, gd_sectors))
 }
 
-fn write_sparse_extent(file: &HostFile, size: u64, zeroed_grain: bool) -> Result<()> {
+/// Writes a sparse extent but its header, which it returns: the caller writes it last, so
+/// that a crash leaves no file with the magic but without its tables (or descriptor).
+fn write_sparse_extent(file: &HostFile, size: u64, zeroed_grain: bool) -> Result<Vec<u8>> {
     let (h, gt_count, gd_sectors) = sparse_layout(size, zeroed_grain)?;
-    file.write_at(&h.to_bytes(), 0)?;
     file.set_len(h.grain_offset * SECTOR)?;
     let gt_sectors = 4u64;
     for dir in [h.rgd_offset, h.gd_offset] {
@@ -260,7 +261,7 @@ fn write_sparse_extent(file: &HostFile, size: u64, zeroed_grain: bool) -> Result
             dir * SECTOR,
         )?;
     }
-    Ok(())
+    Ok(h.to_bytes().to_vec())
 }
 
 /// Header of a new stream-optimized extent in VMware's layout.
@@ -284,13 +285,15 @@ pub fn stream_header(size: u64, zeroed_grain: bool) -> SparseHeader {
     }
 }
 
-fn write_stream_extent(file: &HostFile, size: u64, zeroed_grain: bool) -> Result<()> {
+/// Writes an empty stream-optimized extent but its header, which it returns (written last by
+/// the caller, as for [`write_sparse_extent`]).
+fn write_stream_extent(file: &HostFile, size: u64, zeroed_grain: bool) -> Result<Vec<u8>> {
     let h = stream_header(size, zeroed_grain);
-    file.write_at(&h.to_bytes(), 0)?;
     let gd_len = (h.capacity.div_ceil(h.grain_sectors)).div_ceil(h.gtes_per_gt as u64) as usize;
     let trailer = empty_trailer(&h, gd_len, h.grain_offset);
     file.write_at(&trailer, h.grain_offset * SECTOR)?;
-    file.set_len(h.grain_offset * SECTOR + trailer.len() as u64)
+    file.set_len(h.grain_offset * SECTOR + trailer.len() as u64)?;
+    Ok(h.to_bytes().to_vec())
 }
 
 fn decompose(filename: &str) -> (String, String, String) {
@@ -443,13 +446,14 @@ pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
             format!("RW {sectors} SPARSE \"{}\"\n", basename(name))
         }
     };
+    let mut monolithic_header = None;
     match sub {
         Subformat::MonolithicSparse => {
-            write_sparse_extent(&desc_file, size, zeroed_grain)?;
+            monolithic_header = Some(write_sparse_extent(&desc_file, size, zeroed_grain)?);
             extents.push_str(&line(size / SECTOR, filename));
         }
         Subformat::StreamOptimized => {
-            write_stream_extent(&desc_file, size, zeroed_grain)?;
+            monolithic_header = Some(write_stream_extent(&desc_file, size, zeroed_grain)?);
             extents.push_str(&line(size / SECTOR, filename));
         }
         _ => {
@@ -470,7 +474,9 @@ pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
                 if sub.flat() {
                     f.set_len(cur)?;
                 } else {
-                    write_sparse_extent(&f, cur, zeroed_grain)?;
+                    let head = write_sparse_extent(&f, cur, zeroed_grain)?;
+                    f.sync()?;
+                    f.write_at(&head, 0)?;
                 }
                 f.sync()?;
                 extents.push_str(&line(cur / SECTOR, &name));
@@ -498,6 +504,10 @@ pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
             return Err(err("descriptor too long"));
         }
         desc_file.write_at(text.as_bytes(), SECTOR)?;
+        if let Some(head) = monolithic_header {
+            desc_file.sync()?;
+            desc_file.write_at(&head, 0)?;
+        }
     } else {
         desc_file.write_at(text.as_bytes(), 0)?;
         desc_file.set_len(text.len() as u64)?;
