@@ -292,6 +292,7 @@ impl HostFile {
         if self.faults.is_some() || dst.faults.is_some() {
             return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
+        let _unsynced = Unsynced(&dst.unsynced);
         let (mut so, mut d_o, mut left) = (src_offset, dst_offset, len);
         while left > 0 {
             let mut a = libc::loff_t::try_from(so).map_err(|_| einval())?;
