@@ -243,16 +243,14 @@ pub fn preallocate(file: &HostFile, from: u64, size: u64, mode: Prealloc) -> Res
     match mode {
         Prealloc::Off => {
             file.set_len(size)?;
-            allocate_first_block(file, from, size);
-            Ok(())
+            allocate_first_block(file, from, size)
         }
         Prealloc::Falloc => {
             file.set_len(size)?;
             if size > from {
                 file.allocate(from, size - from)?;
             }
-            allocate_first_block(file, from, size);
-            Ok(())
+            allocate_first_block(file, from, size)
         }
         Prealloc::Full => {
             if size > from {
@@ -271,12 +269,14 @@ pub fn preallocate(file: &HostFile, from: u64, size: u64, mode: Prealloc) -> Res
 
 /// A file grown from empty gets its first block written (zeros: 4 KiB, or one sector when
 /// smaller), as QEMU does so that alignment probing finds real data there; `map` then shows
-/// that block as data, in both tools' output. Failures are ignored, as QEMU ignores them.
-fn allocate_first_block(file: &HostFile, from: u64, size: u64) {
+/// that block as data, in both tools' output. (QEMU ignores a failure there; diskit reports
+/// it: a disk that cannot take 4 KiB will not take the image either.)
+fn allocate_first_block(file: &HostFile, from: u64, size: u64) -> Result<()> {
     if from == 0 && size > 0 {
         let n = if size < 4096 { 512 } else { 4096 };
-        let _ = file.write_at(&[0u8; 4096][..n], 0);
+        file.write_at(&[0u8; 4096][..n], 0)?;
     }
+    Ok(())
 }
 
 /// Creates a raw image.
