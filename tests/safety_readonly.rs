@@ -543,3 +543,112 @@ fn vmdk_and_vdi_sources_untouched() {
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
+
+/// The other read-only verbs (`check` without -r, `map`, `compare`, `measure`, and `dd`'s
+/// input side) leave every input of every format alone, dirty and damaged images included.
+#[test]
+fn read_only_verbs_leave_inputs_untouched() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    let mut images: Vec<String> = make_qcow2_set(d).iter().map(|s| s.to_string()).collect();
+    let data = ["write -P 0xaa 0 64k", "write -P 0x55 1M 4k"];
+    for (img, fmt, opts) in [
+        ("sparse.vmdk", "vmdk", "subformat=monolithicSparse"),
+        ("dyn.vdi", "vdi", "static=off"),
+    ] {
+        ok(qemu_img(
+            d,
+            &["create", "-q", "-f", fmt, "-o", opts, img, "2M"],
+        ));
+        ok(qemu_io(d, fmt, img, &data));
+        images.push(img.to_string());
+    }
+    // a leaked cluster: check reports it and must not fix it. The refcount of a cluster
+    // past the last one in use is set to 1 (16-bit refcounts, first refcount block).
+    std::fs::copy(d.join("v3.qcow2"), d.join("leak.qcow2")).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.join("leak.qcow2"))
+            .unwrap();
+        let be64 = |off: u64| {
+            let mut b = [0u8; 8];
+            f.read_exact_at(&mut b, off).unwrap();
+            u64::from_be_bytes(b)
+        };
+        let rt = be64(48);
+        let rb = be64(rt);
+        let len = f.metadata().unwrap().len();
+        let leaked = len.div_ceil(65536);
+        f.write_all_at(&1u16.to_be_bytes(), rb + 2 * leaked)
+            .unwrap();
+        f.set_len((leaked + 1) * 65536).unwrap();
+    }
+    images.push("leak.qcow2".into());
+    images.push("text.raw".into());
+    let mut cmds: Vec<Vec<String>> = Vec::new();
+    for img in &images {
+        let i = img.as_str();
+        cmds.push(strings(&["check", i]));
+        cmds.push(strings(&["check", "--output=json", i]));
+        cmds.push(strings(&["map", i]));
+        cmds.push(strings(&["map", "--output=json", i]));
+        cmds.push(strings(&["compare", i, i]));
+        cmds.push(strings(&["compare", "-s", i, "v3.qcow2"]));
+        cmds.push(strings(&["measure", "-O", "qcow2", i]));
+        cmds.push(strings(&["measure", "--output=json", "-O", "raw", i]));
+        let out = format!("dd-{}.raw", i.replace('.', "-"));
+        cmds.push(vec![
+            "dd".into(),
+            "-O".into(),
+            "raw".into(),
+            format!("if={i}"),
+            format!("of={out}"),
+            "bs=64k".into(),
+            "count=8".into(),
+        ]);
+    }
+    cmds.push(strings(&[
+        "convert",
+        "-l",
+        "s1",
+        "-O",
+        "raw",
+        "snap.qcow2",
+        "s1.raw",
+    ]));
+    cmds.push(strings(&[
+        "measure",
+        "-l",
+        "s1",
+        "-O",
+        "qcow2",
+        "snap.qcow2",
+    ]));
+    let refs: Vec<Vec<&str>> = cmds
+        .iter()
+        .map(|c| c.iter().map(String::as_str).collect())
+        .collect();
+    let refs: Vec<&[&str]> = refs.iter().map(|c| c.as_slice()).collect();
+    let inputs: Vec<&str> = images.iter().map(String::as_str).collect();
+    let outs = untouched_by(d, &inputs, &refs);
+    // the verbs really ran: each exits as qemu-img does on the same input
+    for (c, o) in cmds.iter().zip(&outs) {
+        let args: Vec<&str> = c.iter().map(String::as_str).collect();
+        let q = qemu_img(d, &args);
+        assert_eq!(
+            o.status.code(),
+            q.status.code(),
+            "`diskit {}`: {}\nqemu-img: {}",
+            c.join(" "),
+            stderr(o),
+            stderr(&q)
+        );
+    }
+    // the leak is still there for `check -r` to find
+    let o = diskit(d, &["check", "leak.qcow2"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+}
