@@ -15,6 +15,7 @@ pub mod cli;
 pub mod error;
 pub mod formats;
 pub mod io;
+pub mod limits;
 pub mod ops;
 pub mod qjson;
 

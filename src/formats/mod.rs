@@ -21,7 +21,7 @@ use crate::qjson::{Json, Obj};
 pub use options::{CreateOpts, OptDesc, OptKind};
 
 /// The maximum depth of a backing chain (qemu's limit is 1000 too).
-pub const MAX_BACKING_DEPTH: usize = 1000;
+pub const MAX_BACKING_DEPTH: usize = crate::limits::MAX_BACKING_DEPTH;
 
 /// The image formats diskit knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -140,14 +140,14 @@ struct Item {
 }
 
 /// The default chunk size of a work item.
-pub const CHUNK: u64 = 2 << 20;
+pub const CHUNK: u64 = crate::limits::ENGINE_CHUNK;
 
 /// Copies the sources into the target.
 pub fn copy(p: &CopyParams) -> Result<CopyStats> {
     let cluster = p.cluster_size.max(512);
     let chunk = CHUNK.max(cluster).div_ceil(cluster) * cluster;
     let total: u64 = p.sources.iter().map(|s| s.len).sum();
-    let workers = p.workers.clamp(1, 64);
+    let workers = p.workers.clamp(1, crate::limits::ENGINE_MAX_WORKERS);
 
     let next_write = Mutex::new(0u64);
     let turn = Condvar::new();

@@ -13,13 +13,13 @@ use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
 
 /// At most this many bitmaps in an image.
-pub const MAX_BITMAPS: usize = 65535;
+pub const MAX_BITMAPS: usize = crate::limits::QCOW2_MAX_BITMAPS;
 /// The largest bitmap directory.
-pub const MAX_DIRECTORY_SIZE: u64 = 1024 * 65535;
+pub const MAX_DIRECTORY_SIZE: u64 = crate::limits::QCOW2_MAX_BITMAP_DIRECTORY;
 /// The longest bitmap name (bytes).
-pub const MAX_NAME_SIZE: usize = 1023;
-const MAX_TABLE_SIZE: u64 = 0x800_0000;
-const MAX_PHYS_SIZE: u64 = 0x2000_0000;
+pub const MAX_NAME_SIZE: usize = crate::limits::QCOW2_MAX_BITMAP_NAME;
+const MAX_TABLE_SIZE: u64 = crate::limits::QCOW2_MAX_BITMAP_TABLE;
+const MAX_PHYS_SIZE: u64 = crate::limits::QCOW2_MAX_BITMAP_DATA;
 const MIN_GRANULARITY_BITS: u32 = 9;
 const MAX_GRANULARITY_BITS: u32 = 31;
 const FLAG_IN_USE: u32 = 1;

@@ -13,7 +13,7 @@ use super::{Qcow2, L1E_OFFSET_MASK};
 use crate::error::{Error, Result};
 
 /// The longest backing file name qcow2 stores (QEMU's limit).
-const MAX_BACKING_NAME: usize = 1023;
+const MAX_BACKING_NAME: usize = crate::limits::QCOW2_MAX_BACKING_NAME;
 
 impl Qcow2 {
     /// Drops every L1 entry of the active table and frees what they referenced.

@@ -31,7 +31,7 @@ const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 /// The computed refcounts are kept in 32-bit counters; images needing more clusters than
 /// this are refused (256 MiB of counters).
-const MAX_CHECK_CLUSTERS: u64 = 64 << 20;
+const MAX_CHECK_CLUSTERS: u64 = crate::limits::QCOW2_MAX_CHECK_CLUSTERS;
 
 /// The refcount table as read from the header and the file.
 struct Stored {

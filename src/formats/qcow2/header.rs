@@ -43,11 +43,11 @@ pub const EXT_CRYPTO: u32 = 0x0537_be77;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// qemu's limit on the size of the L1 table in bytes.
-pub const MAX_L1_BYTES: u64 = 32 << 20;
+pub const MAX_L1_BYTES: u64 = crate::limits::QCOW2_MAX_L1_BYTES;
 /// qemu's limit on the size of the refcount table in bytes.
-pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub const MAX_REFTABLE_BYTES: u64 = crate::limits::QCOW2_MAX_REFTABLE_BYTES;
 /// qemu's limit on snapshots.
-pub const MAX_SNAPSHOTS: u64 = 65536;
+pub const MAX_SNAPSHOTS: u64 = crate::limits::QCOW2_MAX_SNAPSHOTS;
 /// Highest host offset a cluster may have.
 pub const MAX_CLUSTER_OFFSET: u64 = (1 << 56) - 1;
 

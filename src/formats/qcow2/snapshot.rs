@@ -13,9 +13,9 @@ use super::{Qcow2, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COP
 use crate::error::{Error, ErrorKind, Result};
 
 /// qemu's limit on the whole snapshot table.
-const MAX_TABLE_BYTES: u64 = 1024 * 65536;
+const MAX_TABLE_BYTES: u64 = crate::limits::QCOW2_MAX_SNAPSHOT_TABLE_BYTES;
 /// qemu's limit on a snapshot's extra data.
-const MAX_EXTRA: u64 = 1024;
+const MAX_EXTRA: u64 = crate::limits::QCOW2_MAX_SNAPSHOT_EXTRA;
 
 /// One entry of the snapshot table, with everything needed to write it back.
 #[derive(Debug, Clone, PartialEq, Eq)]

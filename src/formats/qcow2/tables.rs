@@ -19,8 +19,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::io::HostFile;
 
 /// Bytes of cached tables of each kind.
-const L2_CACHE_BYTES: u64 = 8 << 20;
-const RB_CACHE_BYTES: u64 = 4 << 20;
+const L2_CACHE_BYTES: u64 = crate::limits::QCOW2_L2_CACHE_BYTES;
+const RB_CACHE_BYTES: u64 = crate::limits::QCOW2_REFCOUNT_CACHE_BYTES;
 
 pub(crate) struct Slot {
     pub data: Vec<u8>,

@@ -17,7 +17,7 @@ use super::header::{probe, Header, Uuid};
 use crate::error::{Error, Result};
 
 /// Directory entries looked at, at most.
-pub const MAX_CANDIDATES: usize = 4096;
+pub const MAX_CANDIDATES: usize = crate::limits::VDI_MAX_PARENT_CANDIDATES;
 
 /// Returns the file name (relative to the image's directory) of the parent.
 pub fn find_parent(filename: &str, hdr: &Header) -> Result<String> {

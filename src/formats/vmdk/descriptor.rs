@@ -3,9 +3,9 @@
 use crate::error::{Error, Result};
 
 /// The largest descriptor diskit reads (a text file or the embedded area).
-pub const MAX_DESC_SIZE: u64 = 1 << 20;
+pub const MAX_DESC_SIZE: u64 = crate::limits::VMDK_MAX_DESCRIPTOR_BYTES;
 /// The most extents one descriptor may list.
-pub const MAX_EXTENTS: usize = 4096;
+pub const MAX_EXTENTS: usize = crate::limits::VMDK_MAX_EXTENTS;
 
 /// Access mode of an extent line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
