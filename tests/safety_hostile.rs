@@ -282,7 +282,10 @@ fn fuzz_regressions_replay() {
         ("open_vmdk", Some(Format::Vmdk)),
         ("open_vdi", Some(Format::Vdi)),
         ("open_probe", None),
+        ("vmdk_stream", Some(Format::Vmdk)),
         ("options", None),
+        ("check_qcow2", None),
+        ("vmdk_descriptor", None),
     ] {
         let Ok(entries) = std::fs::read_dir(root.join(target)) else {
             continue;
@@ -297,6 +300,16 @@ fn fuzz_regressions_replay() {
             let what = format!("{target}/{}", f.file_name().unwrap().to_string_lossy());
             if target == "options" {
                 guarded(&what, move || harness::exercise_options(&data));
+            } else if target == "check_qcow2" || target == "vmdk_descriptor" {
+                // these harness functions write their own files (under DISKIT_FUZZ_DIR)
+                let check = target == "check_qcow2";
+                guarded(&what, move || {
+                    if check {
+                        harness::exercise_check(&data)
+                    } else {
+                        harness::exercise_vmdk_descriptor(&data)
+                    }
+                });
             } else {
                 let _ = exercise(&target_file, &data, fmt, &what);
             }
