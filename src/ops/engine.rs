@@ -176,7 +176,7 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
-                let mut buf: Vec<u8> = Vec::new();
+                let mut buf = crate::io::IoBuf::new();
                 loop {
                     let item = {
                         let r = rx.lock().unwrap_or_else(|e| e.into_inner());
@@ -344,7 +344,7 @@ enum Op {
 fn process(
     p: &CopyParams,
     item: &Item,
-    buf: &mut Vec<u8>,
+    buf: &mut crate::io::IoBuf,
     next_write: &Mutex<u64>,
     turn: &Condvar,
     failed: &AtomicBool,
@@ -377,7 +377,7 @@ fn process(
             // through the drivers: the data as it is, zeroes included
             None => {
                 let n = item.len as usize;
-                buf.resize(n, 0);
+                buf.resize(n);
                 src.img.read_at(&mut buf[..n], item.offset)?;
                 st.bytes_read += item.len;
                 ops.push(Op::Write(toff, 0..n));
@@ -408,13 +408,13 @@ fn read_and_plan(
     item: &Item,
     src: &Source,
     toff: u64,
-    buf: &mut Vec<u8>,
+    buf: &mut crate::io::IoBuf,
     need_zero_writes: bool,
     ops: &mut Vec<Op>,
     st: &mut CopyStats,
 ) -> Result<()> {
     let n = item.len as usize;
-    buf.resize(n, 0);
+    buf.resize(n);
     match src.img.read_at(&mut buf[..n], item.offset) {
         Ok(()) => st.bytes_read += item.len,
         Err(e) if p.salvage => {
