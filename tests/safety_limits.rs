@@ -12,6 +12,8 @@ use common::*;
 use diskit::{CreateOpts, Format};
 
 /// Runs diskit in `dir` with stdout discarded; returns (exit code, stderr, peak RSS bytes).
+/// The child is reaped with wait4 (for its rusage), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
 fn diskit_rss(dir: &Path, args: &[&str]) -> (Option<i32>, String, u64) {
     let child = Command::new(diskit_bin())
         .args(args)
