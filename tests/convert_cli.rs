@@ -53,15 +53,7 @@ fn convert_flags_give_qemu_img_content_and_allocation() {
     require_qemu!();
     let dir = tmpdir();
     let d = dir.path();
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(d.join("src.raw")).unwrap();
-    f.set_len(16 << 20).unwrap();
-    f.write_all_at(&pattern(1 << 20, 1), 0).unwrap();
-    f.write_all_at(&vec![0u8; 1 << 20], 2 << 20).unwrap();
-    let mut mixed = pattern(1 << 20, 2);
-    mixed[8192..16384].fill(0);
-    f.write_all_at(&mixed, 5 << 20).unwrap();
-    drop(f);
+    mixed_raw(d, "src.raw", 16 << 20);
     let map = |dir: &std::path::Path| {
         stdout(&ok(qemu_img(
             dir,

@@ -375,16 +375,8 @@ fn copy_offloading_matches_qemu_img() {
     require_qemu!();
     let dir = tmpdir();
     let d = dir.path();
-    use std::os::unix::fs::FileExt;
     // data, a hole, zeroes written as data, mixed data
-    let f = std::fs::File::create(d.join("src.raw")).unwrap();
-    f.set_len(8 << 20).unwrap();
-    f.write_all_at(&pattern(1 << 20, 1), 0).unwrap();
-    f.write_all_at(&vec![0u8; 1 << 20], 2 << 20).unwrap();
-    let mut mixed = pattern(1 << 20, 2);
-    mixed[8192..16384].fill(0);
-    f.write_all_at(&mixed, 5 << 20).unwrap();
-    drop(f);
+    mixed_raw(d, "src.raw", 8 << 20);
     // a raw file whose last sector is partial: the kernel copy stops short, both fall back
     std::fs::write(d.join("odd.raw"), pattern((1 << 20) + 100, 3)).unwrap();
     ok(qemu_img(

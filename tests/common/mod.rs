@@ -225,3 +225,16 @@ pub fn same_effect_as_qemu(base: &Path, files: &[&str], args: &[&str]) -> (PathB
     }
     (qd, dd)
 }
+
+/// A raw image of `size` bytes: 1 MiB of data at 0, 1 MiB of zeroes written as data at
+/// 2 MiB, 1 MiB of data with an 8 KiB zero run inside at 5 MiB, holes elsewhere.
+pub fn mixed_raw(dir: &Path, name: &str, size: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(dir.join(name)).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all_at(&pattern(1 << 20, 1), 0).unwrap();
+    f.write_all_at(&vec![0u8; 1 << 20], 2 << 20).unwrap();
+    let mut mixed = pattern(1 << 20, 2);
+    mixed[8192..16384].fill(0);
+    f.write_all_at(&mixed, 5 << 20).unwrap();
+}
