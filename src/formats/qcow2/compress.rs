@@ -1,15 +1,29 @@
 //! Compressed clusters: raw deflate with a 4 KiB window, or zstd.
 
+use std::cell::RefCell;
+
 use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 
 use super::header::Compression;
 use crate::error::{Error, Result};
 
+// Codec states are made once per thread and reset between clusters: creating a zstd context
+// or a deflate state allocates and clears hundreds of KiB, more work than compressing a
+// 64 KiB cluster of text.
+thread_local! {
+    static DEFLATE: RefCell<Option<Compress>> = const { RefCell::new(None) };
+    static INFLATE: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+    static ZSTD_C: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static ZSTD_D: RefCell<Option<zstd::stream::raw::Decoder<'static>>> = const { RefCell::new(None) };
+}
+
 /// Decodes exactly `out.len()` bytes from `input`; the input may carry trailing padding.
 pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> Result<()> {
     match kind {
-        Compression::Zlib => {
-            let mut d = Decompress::new(false);
+        Compression::Zlib => INFLATE.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let d = slot.get_or_insert_with(|| Decompress::new(false));
+            d.reset(false);
             loop {
                 let before_out = d.total_out();
                 let before_in = d.total_in();
@@ -34,11 +48,19 @@ pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> Result<()>
             Err(Error::corrupt(
                 "compressed cluster: deflate stream ends before a whole cluster",
             ))
-        }
-        Compression::Zstd => {
-            let mut d = zstd::stream::raw::Decoder::new()
-                .map_err(|e| Error::corrupt(format!("zstd: {e}")))?;
+        }),
+        Compression::Zstd => ZSTD_D.with(|cell| {
             use zstd::stream::raw::Operation;
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(
+                    zstd::stream::raw::Decoder::new()
+                        .map_err(|e| Error::corrupt(format!("zstd: {e}")))?,
+                );
+            }
+            let d = slot.as_mut().expect("decoder just made");
+            d.reinit()
+                .map_err(|e| Error::corrupt(format!("zstd: {e}")))?;
             let mut in_pos = 0usize;
             let mut out_pos = 0usize;
             while out_pos < out.len() {
@@ -60,7 +82,7 @@ pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> Result<()>
                 }
             }
             Ok(())
-        }
+        }),
     }
 }
 
@@ -71,10 +93,13 @@ const ZLIB_LEVEL: u32 = 8;
 /// Compresses one cluster; `None` if the result would not be smaller than `max_len`.
 pub fn compress(kind: Compression, input: &[u8], max_len: usize) -> Result<Option<Vec<u8>>> {
     match kind {
-        Compression::Zlib => {
+        Compression::Zlib => DEFLATE.with(|cell| {
+            let mut slot = cell.borrow_mut();
             // qemu inflates with a 4 KiB window: never compress with a larger one.
-            let mut c =
-                Compress::new_with_window_bits(flate2::Compression::new(ZLIB_LEVEL), false, 12);
+            let c = slot.get_or_insert_with(|| {
+                Compress::new_with_window_bits(flate2::Compression::new(ZLIB_LEVEL), false, 12)
+            });
+            c.reset();
             let mut out = vec![0u8; max_len];
             loop {
                 let (inp, outp) = (c.total_in() as usize, c.total_out() as usize);
@@ -93,15 +118,27 @@ pub fn compress(kind: Compression, input: &[u8], max_len: usize) -> Result<Optio
             }
             out.truncate(c.total_out() as usize);
             Ok(Some(out))
-        }
-        Compression::Zstd => {
-            let out = zstd::bulk::compress(input, 0)
-                .map_err(|e| Error::invalid_arg(format!("zstd failed: {e}")))?;
-            if out.len() >= max_len {
-                return Ok(None);
+        }),
+        Compression::Zstd => ZSTD_C.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(
+                    zstd::bulk::Compressor::new(0)
+                        .map_err(|e| Error::invalid_arg(format!("zstd failed: {e}")))?,
+                );
             }
-            Ok(Some(out))
-        }
+            let c = slot.as_mut().expect("compressor just made");
+            // one byte less than max_len: a result that does not shrink is not wanted
+            let mut out = vec![0u8; max_len.saturating_sub(1)];
+            match c.compress_to_buffer(input, &mut out[..]) {
+                Ok(n) => {
+                    out.truncate(n);
+                    Ok(Some(out))
+                }
+                // "Destination buffer is too small": the cluster does not shrink
+                Err(_) => Ok(None),
+            }
+        }),
     }
 }
 
