@@ -301,3 +301,33 @@ fn stream_is_no_larger_than_qemus() {
         assert!(qemu_raw(dir, "d.vmdk", Some("vmdk")) == *data);
     }
 }
+
+/// `-W` (out-of-order writes) on a streamOptimized file target succeeds as with qemu-img:
+/// the stream is written in order anyway (grains encoded on every worker), and equals the
+/// in-order stream.
+#[test]
+fn out_of_order_flag_on_a_stream_file_is_accepted() {
+    require_qemu!();
+    let t = tmpdir();
+    let dir = t.path();
+    write_source(dir, "src.raw", (3 << 20) + 1536);
+    for sub in ["w", "in", "q"] {
+        std::fs::create_dir(dir.join(sub)).unwrap();
+    }
+    let with_w = |target| {
+        let mut a = stream_args("src.raw", target);
+        a.splice(1..1, ["-W", "-m", "4"]);
+        a
+    };
+    ok(diskit(dir, &with_w("w/disk.vmdk")));
+    ok(qemu_img(dir, &with_w("q/disk.vmdk")));
+    ok(diskit(dir, &stream_args("src.raw", "in/disk.vmdk")));
+    assert_same_stream(
+        &std::fs::read(dir.join("w/disk.vmdk")).unwrap(),
+        &std::fs::read(dir.join("in/disk.vmdk")).unwrap(),
+    );
+    let check = ok(qemu_img(dir, &["check", "w/disk.vmdk"]));
+    assert_eq!(stdout(&check), "No errors were found on the image.\n");
+    let src = std::fs::read(dir.join("src.raw")).unwrap();
+    assert!(qemu_raw(dir, "w/disk.vmdk", Some("vmdk")) == src);
+}

@@ -276,7 +276,8 @@ pub fn convert(
         compress: opts.compress || tgt.compresses_writes(),
         cluster_size: tgt.cluster_size().unwrap_or(512),
         workers: opts.workers,
-        out_of_order: opts.out_of_order,
+        // a stream is written in order whatever -W says (qemu-img accepts -W there too)
+        out_of_order: opts.out_of_order && !tgt.compresses_writes(),
         salvage: opts.salvage,
         progress,
         rate: opts.rate,
