@@ -122,16 +122,7 @@ impl StreamWriter {
 
     /// Writes guest data (`None`: zeroes) of `len` bytes at `offset`.
     pub fn write(&mut self, data: Option<&[u8]>, offset: u64, len: u64) -> Result<()> {
-        if self.finished {
-            return Err(Error::unsupported(format!(
-                "{}: the stream is already closed",
-                self.name
-            )));
-        }
-        if !self.started {
-            self.file.set_len(self.header.grain_offset * SECTOR)?;
-            self.started = true;
-        }
+        self.begin()?;
         let mut done = 0u64;
         while done < len {
             let off = offset + done;
@@ -165,6 +156,22 @@ impl StreamWriter {
                 }
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    fn closed(&self) -> Error {
+        Error::unsupported(format!("{}: the stream is already closed", self.name))
+    }
+
+    /// Refuses writes after `finish`; the first write truncates the file to the grains' start.
+    fn begin(&mut self) -> Result<()> {
+        if self.finished {
+            return Err(self.closed());
+        }
+        if !self.started {
+            self.file.set_len(self.header.grain_offset * SECTOR)?;
+            self.started = true;
         }
         Ok(())
     }
@@ -205,10 +212,7 @@ impl StreamWriter {
     /// `offset`, which starts a grain after every grain written so far.
     pub fn write_encoded(&mut self, encoded: &[u8], offset: u64) -> Result<()> {
         if self.finished {
-            return Err(Error::unsupported(format!(
-                "{}: the stream is already closed",
-                self.name
-            )));
+            return Err(self.closed());
         }
         let idx = offset / self.grain;
         if offset % self.grain != 0 || idx < self.next_grain {
@@ -220,10 +224,7 @@ impl StreamWriter {
             }
             self.flush_grain()?;
         }
-        if !self.started {
-            self.file.set_len(self.header.grain_offset * SECTOR)?;
-            self.started = true;
-        }
+        self.begin()?;
         self.next_grain = idx + 1;
         self.store_grain(idx, encoded)
     }
