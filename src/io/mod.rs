@@ -248,9 +248,15 @@ impl HostFile {
                 return Ok(());
             }
         }
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| self.err(e, "write", offset))
+        let mut done = 0usize;
+        for piece in buf.chunks(crate::limits::HOST_WRITE_PIECE) {
+            let at = offset + done as u64;
+            self.file
+                .write_all_at(piece, at)
+                .map_err(|e| self.err(e, "write", at))?;
+            done += piece.len();
+        }
+        Ok(())
     }
 
     /// Current size of the file in bytes.
