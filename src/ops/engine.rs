@@ -131,12 +131,16 @@ pub struct CopyStats {
     pub salvaged_errors: u64,
 }
 
+/// A unit of work: consecutive runs of one source, written in one turn. Small runs of a chunk
+/// window travel together (a `-B` overlay's scattered clusters between backing ranges would
+/// otherwise cost a channel message and an in-order turn each).
 struct Item {
     seq: u64,
     src: usize,
     offset: u64, // in the source
     len: u64,
-    status: Status,
+    /// (source offset, length, status), covering `offset..offset+len` in order.
+    runs: Vec<(u64, u64, Status)>,
 }
 
 /// The default chunk size of a work item.
@@ -214,13 +218,17 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
         // The planner runs on this thread.
         let plan = || -> Result<()> {
             let mut seq = 0u64;
-            let mut emit = |si: usize, offset: u64, len: u64, status: Status| -> bool {
+            let mut emit = |si: usize, runs: Vec<(u64, u64, Status)>| -> bool {
+                let (offset, end) = match (runs.first(), runs.last()) {
+                    (Some(a), Some(b)) => (a.0, b.0 + b.1),
+                    _ => return true,
+                };
                 let item = Item {
                     seq,
                     src: si,
                     offset,
-                    len,
-                    status,
+                    len: end - offset,
+                    runs,
                 };
                 seq += 1;
                 tx.send(item).is_ok()
@@ -257,28 +265,29 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                         let mergeable =
                             (p.sparse_size > 0 || p.compress) && !offload.load(Ordering::SeqCst);
                         if has_data && !has_backing && mergeable {
-                            if !emit(si, off, wend - off, Status::Data) {
+                            if !emit(si, vec![(off, wend - off, Status::Data)]) {
                                 return Ok(());
                             }
                             off = wend;
                             continue;
                         }
-                        // The runs as they are, the last one reaching as far as it goes
-                        // (whole chunks for zeroes and holes).
+                        // The runs as they are, in one item, the last one reaching as far as
+                        // it goes (whole chunks for zeroes and holes).
                         let last = runs.len().saturating_sub(1);
-                        for (i, (rp, rn, st)) in runs.into_iter().enumerate() {
-                            let mut rend = rp + rn;
-                            if i == last && rend > wend && st != Status::Data {
+                        for (i, r) in runs.iter_mut().enumerate() {
+                            let mut rend = r.0 + r.1;
+                            if i == last && rend > wend && r.2 != Status::Data {
                                 let t = s.target_offset + (rend - s.start);
                                 rend = if rend >= size { size } else { rend - t % chunk };
                                 rend = rend.max(wend);
                             } else {
                                 rend = rend.min(wend);
                             }
-                            if !emit(si, rp, rend - rp, st) {
-                                return Ok(());
-                            }
+                            r.1 = rend - r.0;
                             off = rend;
+                        }
+                        if !emit(si, runs) {
+                            return Ok(());
                         }
                         continue;
                     }
@@ -295,7 +304,7 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                             Status::Data => window_end(pos).min(end) - pos,
                             _ => end - pos,
                         };
-                        if !emit(si, pos, n, status) {
+                        if !emit(si, vec![(pos, n, status)]) {
                             return Ok(());
                         }
                         pos += n;
@@ -352,39 +361,57 @@ fn process(
     offload: &AtomicBool,
 ) -> Result<()> {
     let src = &p.sources[item.src];
-    let toff = src.target_offset + (item.offset - src.start);
     let mut ops: Vec<Op> = Vec::new();
     let mut st = CopyStats::default();
     let need_zero_writes = !p.target_is_zero || p.target_has_backing;
-    match item.status {
-        Status::Backing => {}
-        Status::Zero => {
-            if need_zero_writes {
-                ops.push(Op::Zero(toff, item.len));
-            }
-        }
-        Status::Data if offload.load(Ordering::SeqCst) => match raw_files(src.img, p.target) {
-            // the kernel copies between two raw files; any failure falls back for good
-            Some((sf, tf)) => {
-                if sf.copy_range_to(item.offset, tf, toff, item.len).is_ok() {
-                    st.bytes_read += item.len;
-                    st.bytes_written += item.len;
-                } else {
-                    offload.store(false, Ordering::SeqCst);
-                    read_and_plan(p, item, src, toff, buf, need_zero_writes, &mut ops, &mut st)?;
+    // Data runs lie inside one chunk window: the buffer holds the item from its start.
+    let need = item
+        .runs
+        .iter()
+        .filter(|r| r.2 == Status::Data)
+        .map(|r| r.0 + r.1 - item.offset)
+        .max()
+        .unwrap_or(0);
+    buf.resize(need as usize);
+    for &(offset, len, status) in &item.runs {
+        let toff = src.target_offset + (offset - src.start);
+        let run = Run {
+            offset,
+            len,
+            base: (offset - item.offset) as usize,
+            toff,
+        };
+        match status {
+            Status::Backing => {}
+            Status::Zero => {
+                if need_zero_writes {
+                    ops.push(Op::Zero(toff, len));
                 }
             }
-            // through the drivers: the data as it is, zeroes included
-            None => {
-                let n = item.len as usize;
-                buf.resize(n);
-                src.img.read_at(&mut buf[..n], item.offset)?;
-                st.bytes_read += item.len;
-                ops.push(Op::Write(toff, 0..n));
+            Status::Data if offload.load(Ordering::SeqCst) => {
+                match raw_files(src.img, p.target) {
+                    // the kernel copies between two raw files; any failure falls back for good
+                    Some((sf, tf)) => {
+                        if sf.copy_range_to(offset, tf, toff, len).is_ok() {
+                            st.bytes_read += len;
+                            st.bytes_written += len;
+                        } else {
+                            offload.store(false, Ordering::SeqCst);
+                            read_and_plan(p, &run, src, buf, need_zero_writes, &mut ops, &mut st)?;
+                        }
+                    }
+                    // through the drivers: the data as it is, zeroes included
+                    None => {
+                        let r = run.base..run.base + len as usize;
+                        src.img.read_at(&mut buf[r.clone()], offset)?;
+                        st.bytes_read += len;
+                        ops.push(Op::Write(toff, r));
+                    }
+                }
             }
-        },
-        Status::Data => {
-            read_and_plan(p, item, src, toff, buf, need_zero_writes, &mut ops, &mut st)?;
+            Status::Data => {
+                read_and_plan(p, &run, src, buf, need_zero_writes, &mut ops, &mut st)?;
+            }
         }
     }
     finish(p, item, buf, ops, st, next_write, turn, failed, stats)
@@ -401,27 +428,35 @@ fn raw_files<'a>(
     Some((s.file(), t.file()))
 }
 
-/// Reads a data item and plans its writes (zero detection, compression).
-#[allow(clippy::too_many_arguments)]
+/// A data run of an item: where it is in the source, in the worker's buffer and in the target.
+struct Run {
+    offset: u64,
+    len: u64,
+    base: usize,
+    toff: u64,
+}
+
+/// Reads a data run and plans its writes (zero detection, compression).
 fn read_and_plan(
     p: &CopyParams,
-    item: &Item,
+    run: &Run,
     src: &Source,
-    toff: u64,
     buf: &mut crate::io::IoBuf,
     need_zero_writes: bool,
     ops: &mut Vec<Op>,
     st: &mut CopyStats,
 ) -> Result<()> {
-    let n = item.len as usize;
-    buf.resize(n);
-    match src.img.read_at(&mut buf[..n], item.offset) {
-        Ok(()) => st.bytes_read += item.len,
+    let n = run.len as usize;
+    let toff = run.toff;
+    let b = run.base;
+    let buf = &mut buf[b..b + n];
+    match src.img.read_at(buf, run.offset) {
+        Ok(()) => st.bytes_read += run.len,
         Err(e) if p.salvage => {
             let _ = e;
             // Retry sector by sector; unreadable sectors become zero.
-            for (i, sec) in buf[..n].chunks_mut(512).enumerate() {
-                if src.img.read_at(sec, item.offset + i as u64 * 512).is_err() {
+            for (i, sec) in buf.chunks_mut(512).enumerate() {
+                if src.img.read_at(sec, run.offset + i as u64 * 512).is_err() {
                     sec.fill(0);
                     st.salvaged_errors += 1;
                 }
@@ -447,15 +482,15 @@ fn read_and_plan(
                 let off = toff + pos as u64;
                 match p.target.compress_cluster(part, off)? {
                     Some(data) => ops.push(Op::Prepared(off, data, len as u64)),
-                    None => ops.push(Op::Compressed(off, pos..pos + len)),
+                    None => ops.push(Op::Compressed(off, b + pos..b + pos + len)),
                 }
             } else {
-                ops.push(Op::Write(toff + pos as u64, pos..pos + len));
+                ops.push(Op::Write(toff + pos as u64, b + pos..b + pos + len));
             }
             pos += len;
         }
     } else {
-        plan_sparse(buf, n, toff, p.sparse_size as usize, need_zero_writes, ops);
+        plan_sparse(buf, b, toff, p.sparse_size as usize, need_zero_writes, ops);
     }
     Ok(())
 }
@@ -519,17 +554,19 @@ fn finish(
     r
 }
 
-/// Splits a data buffer into writes and zero runs at `sparse`-byte granularity.
+/// Splits a data buffer into writes and zero runs at `sparse`-byte granularity; `buf` sits at
+/// `base` in the worker's buffer, which the write ranges refer to.
 fn plan_sparse(
     buf: &[u8],
-    n: usize,
+    base: usize,
     toff: u64,
     sparse: usize,
     zero_writes: bool,
     ops: &mut Vec<Op>,
 ) {
+    let n = buf.len();
     if sparse == 0 {
-        ops.push(Op::Write(toff, 0..n));
+        ops.push(Op::Write(toff, base..base + n));
         return;
     }
     let mut pos = 0usize;
@@ -544,7 +581,7 @@ fn plan_sparse(
                 ops.push(Op::Zero(toff + a as u64, (b - a) as u64));
             }
         } else {
-            ops.push(Op::Write(toff + a as u64, a..b));
+            ops.push(Op::Write(toff + a as u64, base + a..base + b));
         }
     };
     while pos < n {
