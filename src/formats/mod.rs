@@ -89,6 +89,18 @@ pub enum Mapping {
     Unallocated,
 }
 
+/// A cluster made ready for writing by [`BlockDriver::compress_cluster`].
+#[derive(Debug)]
+pub enum Prepared {
+    /// The driver compresses only inside [`BlockDriver::write_compressed`].
+    Unsupported,
+    /// Hand this to [`BlockDriver::write_compressed_data`].
+    Data(Vec<u8>),
+    /// The cluster does not shrink: the format stores it as plain data, written with
+    /// [`BlockDriver::write_at`].
+    Plain,
+}
+
 /// The block-layer trait: what every format driver does.
 ///
 /// All methods take `&self`: drivers are shared by the copy engine's worker threads.
@@ -130,11 +142,9 @@ pub trait BlockDriver: Send + Sync {
     }
     /// Compresses one cluster ahead of [`BlockDriver::write_compressed_data`], on any thread
     /// and without taking the driver's locks, so that the copy engine compresses on every
-    /// core while it writes in order. `None`: compression only happens inside
-    /// `write_compressed`. `Some(None)`-like cases (data that does not shrink) are the
-    /// driver's business: it returns what `write_compressed_data` understands.
-    fn compress_cluster(&self, _buf: &[u8], _offset: u64) -> Result<Option<Vec<u8>>> {
-        Ok(None)
+    /// core while it writes in order.
+    fn compress_cluster(&self, _buf: &[u8], _offset: u64) -> Result<Prepared> {
+        Ok(Prepared::Unsupported)
     }
     /// Every write is compressed anyway (a streamOptimized VMDK): the copy engine then takes
     /// its compressing path, which spreads the compression over its workers.

@@ -11,7 +11,7 @@ use std::sync::mpsc::sync_channel;
 use std::sync::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::formats::{BlockDriver, Mapping};
+use crate::formats::{BlockDriver, Mapping, Prepared};
 use crate::io::is_zero;
 
 /// What the guest sees in a range, with the backing chain resolved.
@@ -480,9 +480,11 @@ fn read_and_plan(
                 && (len == cs || toff + (pos + len) as u64 >= p.target.virtual_size())
             {
                 let off = toff + pos as u64;
+                let r = b + pos..b + pos + len;
                 match p.target.compress_cluster(part, off)? {
-                    Some(data) => ops.push(Op::Prepared(off, data, len as u64)),
-                    None => ops.push(Op::Compressed(off, b + pos..b + pos + len)),
+                    Prepared::Data(data) => ops.push(Op::Prepared(off, data, len as u64)),
+                    Prepared::Plain => ops.push(Op::Write(off, r)),
+                    Prepared::Unsupported => ops.push(Op::Compressed(off, r)),
                 }
             } else {
                 ops.push(Op::Write(toff + pos as u64, b + pos..b + pos + len));

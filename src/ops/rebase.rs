@@ -7,7 +7,7 @@
 //! threads; writes happen in guest order, so the overlay is laid out as qemu-img lays it.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::formats::{self, BlockDriver, Format, Mapping, OpenOptions};
+use crate::formats::{self, BlockDriver, Format, Mapping, OpenOptions, Prepared};
 use crate::io::is_zero;
 use crate::ops::commit::{find_in_chain, layers, AboveBase};
 
@@ -335,8 +335,9 @@ fn process_window(c: &Ctx, off: u64, end: u64, slot: &mut Slot) -> Result<()> {
                         let goff = a + k as u64;
                         let br = r.start + k..r.start + k + len;
                         match c.img.compress_cluster(&slot.old[br.clone()], goff)? {
-                            Some(d) => slot.ops.push(Op::Prepared(goff, d)),
-                            None => slot.ops.push(Op::Compressed(goff, br)),
+                            Prepared::Data(d) => slot.ops.push(Op::Prepared(goff, d)),
+                            Prepared::Plain => slot.ops.push(Op::Data(goff, br)),
+                            Prepared::Unsupported => slot.ops.push(Op::Compressed(goff, br)),
                         }
                         k += len;
                     }

@@ -92,6 +92,20 @@ const ZLIB_LEVEL: u32 = 8;
 
 /// Compresses one cluster; `None` if the result would not be smaller than `max_len`.
 pub fn compress(kind: Compression, input: &[u8], max_len: usize) -> Result<Option<Vec<u8>>> {
+    let mut out = Vec::new();
+    Ok(compress_into(kind, input, max_len, &mut out)?.then_some(out))
+}
+
+/// Appends the compressed form of one cluster to `out` (whose spare capacity it uses: no
+/// zeroed scratch buffer, no copy) and returns true, or returns false with `out` unchanged
+/// when the result would not fit in `max_len` bytes (deflate) or `max_len - 1` (zstd).
+pub fn compress_into(
+    kind: Compression,
+    input: &[u8],
+    max_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<bool> {
+    let base = out.len();
     match kind {
         Compression::Zlib => DEFLATE.with(|cell| {
             let mut slot = cell.borrow_mut();
@@ -100,28 +114,27 @@ pub fn compress(kind: Compression, input: &[u8], max_len: usize) -> Result<Optio
                 Compress::new_with_window_bits(flate2::Compression::new(ZLIB_LEVEL), false, 12)
             });
             c.reset();
-            let mut out = vec![0u8; max_len];
+            // compress_vec writes into the spare capacity only: that bounds the output
+            out.reserve_exact(max_len);
             let r = loop {
-                let (inp, outp) = (c.total_in() as usize, c.total_out() as usize);
-                if outp >= out.len() {
-                    break Ok(None);
-                }
-                let st = match c.compress(&input[inp..], &mut out[outp..], FlushCompress::Finish) {
+                let (inp, outp) = (c.total_in(), c.total_out());
+                let st = match c.compress_vec(&input[inp as usize..], out, FlushCompress::Finish) {
                     Ok(st) => st,
                     Err(e) => break Err(Error::invalid_arg(format!("deflate failed: {e}"))),
                 };
                 if st == Status::StreamEnd {
-                    out.truncate(c.total_out() as usize);
-                    break Ok(Some(out));
+                    break Ok(out.len() - base <= max_len);
                 }
-                if c.total_in() as usize == inp && c.total_out() as usize == outp {
-                    break Ok(None);
+                let stuck = c.total_in() == inp && c.total_out() == outp;
+                if out.len() >= base + max_len || stuck {
+                    break Ok(false);
                 }
             };
             // A stream left unfinished (no room, or an error) is not reused: zlib-rs's
             // reset does not clear everything such a stream leaves pending.
-            if !matches!(r, Ok(Some(_))) {
+            if !matches!(r, Ok(true)) {
                 *slot = None;
+                out.truncate(base);
             }
             r
         }),
@@ -135,14 +148,19 @@ pub fn compress(kind: Compression, input: &[u8], max_len: usize) -> Result<Optio
             }
             let c = slot.as_mut().expect("compressor just made");
             // one byte less than max_len: a result that does not shrink is not wanted
-            let mut out = vec![0u8; max_len.saturating_sub(1)];
-            match c.compress_to_buffer(input, &mut out[..]) {
-                Ok(n) => {
-                    out.truncate(n);
-                    Ok(Some(out))
-                }
+            let room = max_len.saturating_sub(1);
+            out.reserve_exact(room);
+            let mut cur = std::io::Cursor::new(std::mem::take(out));
+            cur.set_position(base as u64);
+            let r = c.compress_to_buffer(input, &mut cur);
+            *out = cur.into_inner();
+            match r {
+                Ok(n) if n <= room => Ok(true),
                 // "Destination buffer is too small": the cluster does not shrink
-                Err(_) => Ok(None),
+                _ => {
+                    out.truncate(base);
+                    Ok(false)
+                }
             }
         }),
     }
@@ -209,6 +227,37 @@ mod tests {
                 decompress(kind, &c, &mut out).unwrap();
                 assert!(out == text);
             }
+        }
+    }
+
+    /// compress_into appends after what `out` holds, within the bound, and leaves `out` as it
+    /// was when the cluster does not shrink.
+    #[test]
+    fn compress_into_appends_or_leaves_out_unchanged() {
+        let text: Vec<u8> = b"appending clusters\n".repeat(4000)[..65536].to_vec();
+        let mut noise = vec![0u8; 65536];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        for kind in [Compression::Zlib, Compression::Zstd] {
+            let mut out = b"head".to_vec();
+            assert!(!compress_into(kind, &noise, 65535, &mut out).unwrap());
+            assert_eq!(out, b"head");
+            assert!(compress_into(kind, &text, 65535, &mut out).unwrap());
+            assert_eq!(&out[..4], b"head");
+            assert!(out.len() - 4 < 65535);
+            let mut back = vec![0u8; 65536];
+            decompress(kind, &out[4..], &mut back).unwrap();
+            assert!(back == text);
+            // a bound just below the compressed size refuses it
+            let n = out.len() - 4;
+            let mut tight = Vec::new();
+            assert!(!compress_into(kind, &text, n - 2, &mut tight).unwrap());
+            assert!(tight.is_empty());
         }
     }
 

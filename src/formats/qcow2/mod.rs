@@ -650,9 +650,9 @@ impl BlockDriver for Qcow2 {
         self.write_zeroes_impl(offset, len, unmap)
     }
 
-    fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<Option<Vec<u8>>> {
+    fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<crate::formats::Prepared> {
         self.check_range(offset, buf.len() as u64)?;
-        self.compress_blob(buf, offset).map(Some)
+        self.compress_blob(buf, offset)
     }
 
     fn write_compressed_data(&self, data: &[u8], offset: u64) -> Result<()> {

@@ -4,6 +4,7 @@ use super::header;
 use super::tables::Meta;
 use super::{Kind, Qcow2, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::error::{Error, Result};
+use crate::formats::Prepared;
 
 const ALL_ALLOC: u64 = 0xffff_ffff;
 const ALL_ZERO: u64 = 0xffff_ffff << 32;
@@ -400,14 +401,16 @@ impl Qcow2 {
     }
 
     pub(crate) fn write_compressed_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let blob = self.compress_blob(buf, offset)?;
-        self.store_compressed_blob(&blob, offset)
+        match self.compress_blob(buf, offset)? {
+            Prepared::Data(c) => self.store_compressed_blob(&c, offset),
+            _ => self.write_impl(buf, offset),
+        }
     }
 
     /// Compresses one cluster for [`Qcow2::store_compressed_blob`], taking no lock (the
-    /// copy engine calls it on every core). The blob is tagged: `1` + compressed bytes, or
-    /// `0` + the plain data where compression does not pay.
-    pub(crate) fn compress_blob(&self, buf: &[u8], offset: u64) -> Result<Vec<u8>> {
+    /// copy engine calls it on every core): the compressed bytes, or [`Prepared::Plain`]
+    /// where compression does not pay (the cluster is then stored as plain data).
+    pub(crate) fn compress_blob(&self, buf: &[u8], offset: u64) -> Result<Prepared> {
         let cs = self.cs;
         if offset & (cs - 1) != 0
             || (buf.len() as u64 != cs && offset + buf.len() as u64 != self.size)
@@ -424,31 +427,26 @@ impl Qcow2 {
                 "Compression is not supported with external data files",
             ));
         }
-        let mut full = buf.to_vec();
-        full.resize(cs as usize, 0);
-        let mut blob = Vec::with_capacity(buf.len() + 1);
-        match super::compress::compress(self.compression(), &full, cs as usize - 1)? {
-            Some(c) => {
-                blob.push(1);
-                blob.extend_from_slice(&c);
-            }
-            None => {
-                blob.push(0);
-                blob.extend_from_slice(buf);
-            }
+        // the tail cluster of an image is compressed padded with zeroes, as qemu does
+        let padded: Vec<u8>;
+        let input = if buf.len() as u64 == cs {
+            buf
+        } else {
+            padded = [buf, &vec![0u8; cs as usize - buf.len()]].concat();
+            &padded
+        };
+        let mut out = Vec::new();
+        if super::compress::compress_into(self.compression(), input, cs as usize - 1, &mut out)? {
+            Ok(Prepared::Data(out))
+        } else {
+            Ok(Prepared::Plain)
         }
-        Ok(blob)
     }
 
-    /// Stores a blob made by [`Qcow2::compress_blob`] for the cluster at `offset`.
-    pub(crate) fn store_compressed_blob(&self, blob: &[u8], offset: u64) -> Result<()> {
+    /// Stores the compressed bytes made by [`Qcow2::compress_blob`] for the cluster at
+    /// `offset`.
+    pub(crate) fn store_compressed_blob(&self, payload: &[u8], offset: u64) -> Result<()> {
         let cs = self.cs;
-        let Some((&tag, payload)) = blob.split_first() else {
-            return Ok(());
-        };
-        if tag == 0 {
-            return self.write_impl(payload, offset);
-        }
         if offset & (cs - 1) != 0 || payload.len() as u64 >= cs {
             return Err(Error::invalid_arg(format!(
                 "{}: bad compressed cluster for offset {offset}",

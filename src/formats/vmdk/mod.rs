@@ -1022,14 +1022,15 @@ impl BlockDriver for VmdkDriver {
         self.stream.is_some()
     }
 
-    fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<Option<Vec<u8>>> {
+    fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<crate::formats::Prepared> {
         if self.stream.is_none() {
-            return Ok(None);
+            return Ok(crate::formats::Prepared::Unsupported);
         }
         self.check_range(offset, buf.len() as u64)?;
         let grain = self.cluster_size().unwrap_or(buf.len() as u64) as usize;
         let valid = buf.len().min(grain);
-        stream::encode_grain(&self.filename, offset, &buf[..valid]).map(Some)
+        stream::encode_grain(&self.filename, offset, &buf[..valid])
+            .map(crate::formats::Prepared::Data)
     }
 
     fn write_compressed_data(&self, data: &[u8], offset: u64) -> Result<()> {

@@ -432,10 +432,10 @@ impl crate::formats::BlockDriver for StreamSink {
     fn compresses_writes(&self) -> bool {
         true
     }
-    fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<Option<Vec<u8>>> {
+    fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<crate::formats::Prepared> {
         self.check_range(offset, buf.len() as u64)?;
         let len = buf.len().min(self.grain as usize);
-        encode_grain(&self.name, offset, &buf[..len]).map(Some)
+        encode_grain(&self.name, offset, &buf[..len]).map(crate::formats::Prepared::Data)
     }
     fn write_compressed_data(&self, data: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, 1)?;
