@@ -9,8 +9,6 @@
 //!   that drop the references are on disk; the clusters are not reused before that;
 //! - refcount blocks and refcount table growth are written (and synced) at once.
 
-use std::collections::HashMap;
-
 use super::header::{self, Header};
 use super::{
     Qcow2, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, REFT_OFFSET_MASK,
@@ -28,9 +26,11 @@ pub(crate) struct Slot {
     used: u64,
 }
 
+use crate::formats::OffsetMap;
+
 /// A bounded LRU cache of cluster-sized tables keyed by their host offset.
 pub(crate) struct Cache {
-    map: HashMap<u64, Slot>,
+    map: OffsetMap<u64, Slot>,
     tick: u64,
     cap: usize,
 }
@@ -38,7 +38,7 @@ pub(crate) struct Cache {
 impl Cache {
     fn new(cluster_size: u64, bytes: u64, min: usize, max: usize) -> Cache {
         Cache {
-            map: HashMap::new(),
+            map: OffsetMap::default(),
             tick: 0,
             cap: ((bytes / cluster_size) as usize).clamp(min, max),
         }

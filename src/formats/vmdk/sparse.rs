@@ -3,7 +3,6 @@
 //! The grain directory (GD) lives in memory; grain tables (GT) are read on demand into a
 //! bounded cache. All metadata sits behind one mutex per extent; grain data is read outside it.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use flate2::{Decompress, FlushDecompress, Status};
@@ -32,7 +31,7 @@ pub struct State {
     pub gd: Vec<u32>,
     /// Redundant grain directory, kept in step on writes.
     pub rgd: Option<Vec<u32>>,
-    gts: HashMap<u32, Vec<u32>>,
+    gts: crate::formats::OffsetMap<u32, Vec<u32>>,
     /// Current length of the extent file.
     pub file_len: u64,
     /// Where the next grain goes, in sectors.
@@ -219,7 +218,7 @@ impl SparseExtent {
             state: Mutex::new(State {
                 gd: Vec::new(),
                 rgd: None,
-                gts: HashMap::new(),
+                gts: Default::default(),
                 file_len,
                 next_sector: 0,
                 last: None,
@@ -269,7 +268,7 @@ impl SparseExtent {
             state: Mutex::new(State {
                 gd: Vec::new(),
                 rgd: None,
-                gts: HashMap::new(),
+                gts: Default::default(),
                 file_len,
                 next_sector: 0,
                 last: None,
