@@ -273,11 +273,10 @@ pub fn convert(
         top_only: backing.is_some(),
         target_has_backing: backing.is_some(),
         sparse_size: opts.sparse_size,
-        compress: opts.compress || tgt.compresses_writes(),
+        compress: opts.compress,
         cluster_size: tgt.cluster_size().unwrap_or(512),
         workers: opts.workers,
-        // a stream is written in order whatever -W says (qemu-img accepts -W there too)
-        out_of_order: opts.out_of_order && !tgt.compresses_writes(),
+        out_of_order: opts.out_of_order,
         salvage: opts.salvage,
         progress,
         rate: opts.rate,

@@ -96,13 +96,14 @@ pub struct CopyParams<'a> {
     pub target_has_backing: bool,
     /// Zero-detection granularity (`-S`); 0 writes everything that is read.
     pub sparse_size: u64,
-    /// Write compressed clusters.
+    /// Write compressed clusters (always done for a target that compresses every write).
     pub compress: bool,
     /// Target cluster size (chunks are aligned to it).
     pub cluster_size: u64,
     /// Worker threads.
     pub workers: usize,
-    /// Commit writes as soon as they are ready.
+    /// Commit writes as soon as they are ready (never for a target that compresses every
+    /// write: such a stream is written in order; qemu-img accepts -W there too).
     pub out_of_order: bool,
     /// Read errors become zeroes (counted).
     pub salvage: bool,
@@ -116,6 +117,18 @@ pub struct CopyParams<'a> {
     /// two raw files on the host inside the kernel (copy_file_range(2)); after the first
     /// failure of the kernel copy, reading and writing with zero detection, as qemu-img does.
     pub copy_offload: bool,
+}
+
+impl CopyParams<'_> {
+    /// Clusters are compressed: asked for, or the target compresses every write (a
+    /// streamOptimized VMDK), so that the workers compress rather than the in-order writer.
+    fn compressing(&self) -> bool {
+        self.compress || self.target.compresses_writes()
+    }
+    /// Writes are committed in the planner's order.
+    fn in_order(&self) -> bool {
+        !self.out_of_order || self.target.compresses_writes()
+    }
 }
 
 /// What a copy did.
@@ -262,8 +275,8 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                         let has_backing = runs.iter().any(|r| r.2 == Status::Backing);
                         // Without zero detection (-S 0) a zero run must stay a zero run.
                         // Nor may it with copy offloading (data runs are copied as they are).
-                        let mergeable =
-                            (p.sparse_size > 0 || p.compress) && !offload.load(Ordering::SeqCst);
+                        let mergeable = (p.sparse_size > 0 || p.compressing())
+                            && !offload.load(Ordering::SeqCst);
                         if has_data && !has_backing && mergeable {
                             if !emit(si, vec![(off, wend - off, Status::Data)]) {
                                 return Ok(());
@@ -464,7 +477,7 @@ fn read_and_plan(
         }
         Err(e) => return Err(e),
     }
-    if p.compress {
+    if p.compressing() {
         let cs = p.cluster_size as usize;
         let mut pos = 0usize;
         while pos < n {
@@ -511,7 +524,7 @@ fn finish(
     stats: &Mutex<CopyStats>,
 ) -> Result<()> {
     // Wait for our turn (in-order mode).
-    if !p.out_of_order {
+    if p.in_order() {
         let mut g = next_write.lock().unwrap_or_else(|e| e.into_inner());
         while *g != item.seq {
             if failed.load(Ordering::SeqCst) {
@@ -543,7 +556,7 @@ fn finish(
         }
         Ok(())
     })();
-    if !p.out_of_order {
+    if p.in_order() {
         let mut g = next_write.lock().unwrap_or_else(|e| e.into_inner());
         *g += 1;
         turn.notify_all();
