@@ -246,7 +246,10 @@ pub fn convert(
                 write: true,
                 direct: opts.tgt_direct,
                 no_flush: !opts.tgt_flush,
-                no_backing: true,
+                // With a backing file (-B, or -n onto an overlay), a write of part of a
+                // target cluster copies the rest from the backing, as in qemu-img, which
+                // opens the target with its backing chain.
+                no_backing: backing.is_none(),
                 ..OpenOptions::default()
             },
         )?

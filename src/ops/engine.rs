@@ -150,14 +150,18 @@ pub struct CopyStats {
 struct Item {
     seq: u64,
     src: usize,
-    offset: u64, // in the source
+    /// Guest bytes covered, for progress.
     len: u64,
-    /// (source offset, length, status), covering `offset..offset+len` in order.
+    /// (source offset, length, status), consecutive, in order.
     runs: Vec<(u64, u64, Status)>,
 }
 
 /// The default chunk size of a work item.
 pub const CHUNK: u64 = crate::limits::ENGINE_CHUNK;
+/// Most runs in one grouped item.
+const GROUP_RUNS: usize = 1024;
+/// Most guest bytes one grouped item spans (progress moves at least this often).
+const GROUP_SPAN: u64 = 256 * CHUNK;
 
 /// Copies the sources into the target.
 pub fn copy(p: &CopyParams) -> Result<CopyStats> {
@@ -239,7 +243,6 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                 let item = Item {
                     seq,
                     src: si,
-                    offset,
                     len: end - offset,
                     runs,
                 };
@@ -254,6 +257,12 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                     (pos + (chunk - t % chunk)).min(size)
                 };
                 let mut off = s.start;
+                // Windows that are not copied whole (a -B overlay's scattered clusters between
+                // backing ranges, zeroes and holes) are grouped into one item until it holds a
+                // chunk of data, GROUP_RUNS runs or GROUP_SPAN bytes: one in-order turn per
+                // chunk of data rather than per window.
+                let mut group: Vec<(u64, u64, Status)> = Vec::new();
+                let mut group_data = 0u64;
                 while off < size {
                     if failed.load(Ordering::SeqCst) {
                         return Ok(());
@@ -278,14 +287,18 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                         let mergeable = (p.sparse_size > 0 || p.compressing())
                             && !offload.load(Ordering::SeqCst);
                         if has_data && !has_backing && mergeable {
+                            if !group.is_empty() && !emit(si, std::mem::take(&mut group)) {
+                                return Ok(());
+                            }
+                            group_data = 0;
                             if !emit(si, vec![(off, wend - off, Status::Data)]) {
                                 return Ok(());
                             }
                             off = wend;
                             continue;
                         }
-                        // The runs as they are, in one item, the last one reaching as far as
-                        // it goes (whole chunks for zeroes and holes).
+                        // The runs as they are, the last one reaching as far as it goes (whole
+                        // chunks for zeroes and holes).
                         let last = runs.len().saturating_sub(1);
                         for (i, r) in runs.iter_mut().enumerate() {
                             let mut rend = r.0 + r.1;
@@ -299,9 +312,27 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                             r.1 = rend - r.0;
                             off = rend;
                         }
-                        if !emit(si, runs) {
-                            return Ok(());
+                        if has_backing && p.compressing() {
+                            let to_target = |pos: u64| s.target_offset + (pos - s.start);
+                            runs = whole_clusters(&runs, cluster, to_target);
                         }
+                        let data: u64 = runs
+                            .iter()
+                            .filter(|r| r.2 == Status::Data)
+                            .map(|r| r.1)
+                            .sum();
+                        let span = group.first().map_or(0, |f| off - f.0);
+                        if group_data + data > chunk
+                            || group.len() + runs.len() > GROUP_RUNS
+                            || span > GROUP_SPAN
+                        {
+                            if !emit(si, std::mem::take(&mut group)) {
+                                return Ok(());
+                            }
+                            group_data = 0;
+                        }
+                        group.extend(runs);
+                        group_data += data;
                         continue;
                     }
                     let (status, len) = if p.dense {
@@ -324,6 +355,9 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                     }
                     off = end;
                 }
+                if !emit(si, group) {
+                    return Ok(());
+                }
             }
             Ok(())
         };
@@ -340,6 +374,49 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
         cb(total, total);
     }
     Ok(stats.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Compressed output over a backing file: a target cluster whose runs differ is copied whole
+/// as data (read through the source's chain), as qemu-img does, since a compressed cluster is
+/// written once and whole; clusters of one status keep it. `runs` are consecutive.
+fn whole_clusters(
+    runs: &[(u64, u64, Status)],
+    cluster: u64,
+    to_target: impl Fn(u64) -> u64,
+) -> Vec<(u64, u64, Status)> {
+    let mut out: Vec<(u64, u64, Status)> = Vec::new();
+    let mut push = |pos: u64, len: u64, st: Status| match out.last_mut() {
+        Some(l) if l.2 == st && l.0 + l.1 == pos => l.1 += len,
+        _ => out.push((pos, len, st)),
+    };
+    let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+        return Vec::new();
+    };
+    let end = last.0 + last.1;
+    let mut pos = first.0;
+    let mut i = 0;
+    while pos < end {
+        while runs[i].0 + runs[i].1 <= pos {
+            i += 1;
+        }
+        let (_, _, st) = runs[i];
+        let rend = runs[i].0 + runs[i].1;
+        let cend = (pos + (cluster - to_target(pos) % cluster)).min(end);
+        if rend >= cend {
+            // this run reaches the end of the cluster: it goes on as far as whole clusters do
+            let upto = if rend >= end {
+                end
+            } else {
+                (rend - to_target(rend) % cluster).max(cend)
+            };
+            push(pos, upto - pos, st);
+            pos = upto;
+        } else {
+            push(pos, cend - pos, Status::Data);
+            pos = cend;
+        }
+    }
+    out
 }
 
 fn throttle(done: u64, rate: u64, start: std::time::Instant) {
@@ -377,23 +454,26 @@ fn process(
     let mut ops: Vec<Op> = Vec::new();
     let mut st = CopyStats::default();
     let need_zero_writes = !p.target_is_zero || p.target_has_backing;
-    // Data runs lie inside one chunk window: the buffer holds the item from its start.
-    let need = item
+    // The buffer holds the item's data runs back to back (at most a chunk).
+    let need: u64 = item
         .runs
         .iter()
         .filter(|r| r.2 == Status::Data)
-        .map(|r| r.0 + r.1 - item.offset)
-        .max()
-        .unwrap_or(0);
+        .map(|r| r.1)
+        .sum();
     buf.resize(need as usize);
+    let mut base = 0usize;
     for &(offset, len, status) in &item.runs {
         let toff = src.target_offset + (offset - src.start);
         let run = Run {
             offset,
             len,
-            base: (offset - item.offset) as usize,
+            base,
             toff,
         };
+        if status == Status::Data {
+            base += len as usize;
+        }
         match status {
             Status::Backing => {}
             Status::Zero => {
