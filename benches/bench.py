@@ -9,7 +9,8 @@ Environment:
   BENCH_DIR        work directory (default: a new one under $TMPDIR or /var/tmp, removed at
                    the end); inputs already there for the same sizes are reused
   BENCH_KEEP=1     keep the work directory
-  BENCH_ONLY       comma-separated scenario names (or substrings) to run
+  BENCH_ONLY       comma-separated scenario names to run (a full name selects exactly that
+                   scenario, anything else every scenario containing it)
   BENCH_VERIFY=0   skip the `qemu-img compare` of diskit's output against the source
 
 Every run's wall time comes from time.monotonic(); peak RSS from os.wait4's rusage of that
@@ -395,8 +396,12 @@ def main():
         floor = run_measured(["true"], d)[1]
         results = []
         failed = False
+        names = [sc[0] for sc in scenarios()]
         for sc in scenarios():
-            if only and not any(o == sc[0] or o in sc[0] for o in only):
+            # a name selects its scenario exactly; anything else by substring
+            if only and not any(
+                o == sc[0] or (o not in names and o in sc[0]) for o in only
+            ):
                 continue
             log("bench: %s" % sc[0])
             r = bench_scenario(sc, d, diskit, runs, verify, rates, manifest)
