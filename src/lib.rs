@@ -18,6 +18,7 @@ pub mod io;
 pub mod limits;
 pub mod ops;
 pub mod qjson;
+pub mod warn;
 
 pub use error::{Error, ErrorKind, Result};
 pub use formats::{create, open, BlockDriver, CreateOpts, Format, ImageInfo, Mapping, OpenOptions};

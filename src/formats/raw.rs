@@ -59,9 +59,9 @@ pub fn open(file: HostFile, filename: &str, ctx: &OpenCtx) -> Result<Box<dyn Blo
     let len = file.len()?;
     let size = len.div_ceil(SECTOR) * SECTOR;
     if ctx.probed && ctx.opts.write {
-        eprintln!(
+        crate::warn::emit(&format!(
             "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
-        );
+        ));
     }
     Ok(Box::new(RawDriver {
         file,

@@ -625,7 +625,7 @@ impl Qcow2 {
             Ok(rep) => Ok(rep),
             Err((findings, e)) => {
                 for f in findings {
-                    eprintln!("{}", f.message);
+                    crate::warn::emit(&f.message);
                 }
                 Err(e)
             }

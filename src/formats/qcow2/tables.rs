@@ -685,9 +685,9 @@ impl Qcow2 {
             m.incompat |= header::INCOMPAT_CORRUPT;
             let _ = self.file.write_at(&m.incompat.to_be_bytes(), 72);
             let _ = self.file.sync();
-            eprintln!(
+            crate::warn::emit(&format!(
                 "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
-            );
+            ));
         }
         self.corrupt_err(msg)
     }

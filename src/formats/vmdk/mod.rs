@@ -312,11 +312,11 @@ impl VmdkDriver {
                 let b = formats::open_backing(filename, hint, Some("vmdk"), ctx)?;
                 if let Some(v) = b.as_any().downcast_ref::<VmdkDriver>() {
                     if v.cid() != parent_cid {
-                        eprintln!(
+                        crate::warn::emit(&format!(
                             "warning: {filename}: parent CID {parent_cid:08x} does not match the CID {:08x} of '{}'; the parent may have changed since this image was made",
                             v.cid(),
                             b.filename()
-                        );
+                        ));
                     }
                 }
                 Some(b)
@@ -1116,7 +1116,7 @@ impl BlockDriver for VmdkDriver {
         match self.check_walk() {
             Ok(()) => Ok(CheckReport::default()),
             Err((line, errno)) => {
-                eprintln!("{line}");
+                crate::warn::emit(&line);
                 Err(Error::corrupt(format!("Check failed: {errno}")))
             }
         }
@@ -1150,10 +1150,10 @@ impl Drop for VmdkDriver {
         if let Some(s) = &self.stream {
             let mut w = s.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = w.finish() {
-                eprintln!(
+                crate::warn::emit(&format!(
                     "warning: {}: could not finish the stream: {e}",
                     self.filename
-                );
+                ));
             }
         }
     }

@@ -306,10 +306,10 @@ impl SparseExtent {
                 st.rgd = Some(rgd);
             }
             (Ok(gd), Some(Err(e))) => {
-                eprintln!(
+                crate::warn::emit(&format!(
                     "warning: {}; writes will only update the primary grain directory",
                     e.message()
-                );
+                ));
                 st.gd = gd;
                 self.rgd_offset = None;
             }
@@ -318,10 +318,10 @@ impl SparseExtent {
                 if writable {
                     return Err(e.context("refusing to open for writing"));
                 }
-                eprintln!(
+                crate::warn::emit(&format!(
                     "warning: {}; using the redundant grain directory",
                     e.message()
-                );
+                ));
                 st.gd = rgd;
                 self.gd_offset = self.rgd_offset.take().unwrap_or(0);
                 self.using_redundant = true;
