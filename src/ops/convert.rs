@@ -13,6 +13,9 @@ pub struct ConvertOptions {
     pub sources: Vec<String>,
     /// Source format (`-f`), probed when `None`.
     pub source_format: Option<Format>,
+    /// Per-source formats (`--image-opts` specifications name one each); where given, they
+    /// replace `source_format` (`None` probes).
+    pub source_formats: Vec<Option<Format>>,
     /// Target image; `-` writes a streamOptimized vmdk to standard output (the only format
     /// that can be written sequentially).
     pub target: String,
@@ -67,6 +70,7 @@ impl ConvertOptions {
         ConvertOptions {
             sources,
             source_format: None,
+            source_formats: Vec::new(),
             target,
             target_format: "raw".to_string(),
             target_opts: CreateOpts::new(),
@@ -110,9 +114,13 @@ pub fn convert(
         return Err(Error::invalid_arg("Must specify image file name"));
     }
     let mut srcs: Vec<Box<dyn BlockDriver>> = Vec::new();
-    for name in &opts.sources {
+    for (i, name) in opts.sources.iter().enumerate() {
         let o = OpenOptions {
-            format: opts.source_format,
+            format: opts
+                .source_formats
+                .get(i)
+                .copied()
+                .unwrap_or(opts.source_format),
             force_share: opts.force_share,
             direct: opts.src_direct,
             exclusive: true,
@@ -285,6 +293,10 @@ pub fn convert(
         dense: opts.sparse_size == 0,
         copy_offload: opts.copy_range && offload_capable(&srcs, tgt.as_ref()),
     };
+    // the real total before any data moves (a caller's first report cannot know it)
+    if let Some(cb) = progress {
+        cb(0, total);
+    }
     let stats = engine::copy(&params)?;
     if opts.bitmaps {
         let r = copy_bitmaps(srcs[0].as_ref(), tgt.as_ref(), opts);
