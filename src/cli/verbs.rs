@@ -174,13 +174,30 @@ pub(super) fn cvtnum(what: &str, s: &str) -> Result<u64, CliError> {
 
 /// qemu-img's `cvtnum_full`: a size argument within bounds.
 pub(super) fn cvtnum_full(what: &str, s: &str, min: u64, max: u64) -> Result<u64, CliError> {
-    match parse_size(s) {
+    // qemu reads a negative number as out of range only when nothing follows its digits
+    // ("-5"); "-1k" or "-1.5" are invalid
+    let parsed = match s.trim_start().strip_prefix('-') {
+        Some(n) if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(SizeError::Invalid)
+        }
+        // a hexadecimal number takes no suffix in qemu ("0x10k" is invalid)
+        _ if hex_with_suffix(s.trim_start()) => Err(SizeError::Invalid),
+        _ => parse_size(s),
+    };
+    match parsed {
         Ok(v) if (min..=max).contains(&v) => Ok(v),
         Err(SizeError::Invalid) => Err(CliError::Msg(format!("Invalid {what} specified: '{s}'."))),
         _ => Err(CliError::Msg(format!(
             "Invalid {what} specified. Must be between {min} and {max}."
         ))),
     }
+}
+
+/// `0x...` followed by anything but hexadecimal digits.
+fn hex_with_suffix(s: &str) -> bool {
+    s.strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .is_some_and(|h| !h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn size_arg(s: &str) -> Result<u64, CliError> {
@@ -484,6 +501,7 @@ fn convert(argv: &[String]) -> VerbResult {
         let format = sp.format.unwrap_or_else(|| probe_file(&sp.filename));
         o.target = sp.filename.clone();
         o.target_format = format.name().to_string();
+        o.target_probe = sp.format.is_none();
         specs.push((sp.filename, target.clone()));
     }
     // `--progress[=text|json]`; `--progress-json` is the older spelling of `=json`

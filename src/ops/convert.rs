@@ -22,6 +22,9 @@ pub struct ConvertOptions {
     /// Target format name (`-O`, default raw); checked after the sources are open, as
     /// qemu-img does.
     pub target_format: String,
+    /// With `no_create`: probe the target's format when opening it (a `--target-image-opts`
+    /// specification without a driver; `target_format` names what the caller probed).
+    pub target_probe: bool,
     /// Target `-o` options.
     pub target_opts: CreateOpts,
     /// `-c`
@@ -73,6 +76,7 @@ impl ConvertOptions {
             source_formats: Vec::new(),
             target,
             target_format: "raw".to_string(),
+            target_probe: false,
             target_opts: CreateOpts::new(),
             compress: false,
             no_create: false,
@@ -250,7 +254,7 @@ pub fn convert(
         formats::open(
             &opts.target,
             &OpenOptions {
-                format: Some(target_format),
+                format: (!(opts.target_probe && opts.no_create)).then_some(target_format),
                 write: true,
                 direct: opts.tgt_direct,
                 no_flush: !opts.tgt_flush,
