@@ -143,46 +143,96 @@ pub struct ConvertArgs {
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
     /// Show progress.
-    #[arg(short = 'p', long = "progress")]
+    #[arg(short = 'p')]
     pub progress: bool,
-    /// Progress as JSON lines on stdout (diskit extension).
+    /// Show progress: `--progress` (or `=text`) as `-p`, `--progress=json` for JSON lines on
+    /// stdout (diskit extension; qemu-img's `--progress` takes no value).
+    #[arg(
+        long = "progress",
+        value_name = "text|json",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "text"
+    )]
+    pub progress_mode: Option<String>,
+    /// Progress as JSON lines on stdout (alias of `--progress=json`).
     #[arg(long = "progress-json")]
     pub progress_json: bool,
     /// Source format.
-    #[arg(short = 'f', long = "source-format", value_name = "SRC_FMT")]
+    #[arg(
+        short = 'f',
+        long = "source-format",
+        value_name = "SRC_FMT",
+        allow_hyphen_values = true
+    )]
     pub format: Option<String>,
     /// Treat sources as image specifications.
     #[arg(long = "source-image-opts", alias = "image-opts")]
     pub image_opts: bool,
     /// Source snapshot (`snapshot.id=...,snapshot.name=...` or a name).
-    #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT_PARAMS")]
+    #[arg(
+        short = 'l',
+        long = "source-snapshot",
+        value_name = "SNAPSHOT_PARAMS",
+        allow_hyphen_values = true
+    )]
     pub snapshot_params: Option<String>,
     /// Source snapshot (deprecated form).
-    #[arg(short = 's', value_name = "SNAPSHOT")]
+    #[arg(short = 's', value_name = "SNAPSHOT", allow_hyphen_values = true)]
     pub snapshot: Option<String>,
     /// Source cache mode.
-    #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
+    #[arg(
+        short = 'T',
+        long = "source-cache",
+        value_name = "SRC_CACHE",
+        allow_hyphen_values = true
+    )]
     pub src_cache: Option<String>,
     /// Target format (default raw).
-    #[arg(short = 'O', long = "target-format", value_name = "TGT_FMT")]
+    #[arg(
+        short = 'O',
+        long = "target-format",
+        value_name = "TGT_FMT",
+        allow_hyphen_values = true
+    )]
     pub target_format: Option<String>,
     /// Target is an image specification.
     #[arg(long = "target-image-opts")]
     pub target_image_opts: bool,
     /// Target format options.
-    #[arg(short = 'o', long = "target-options", value_name = "TGT_OPTS")]
+    #[arg(
+        short = 'o',
+        long = "target-options",
+        value_name = "TGT_OPTS",
+        allow_hyphen_values = true
+    )]
     pub options: Vec<String>,
     /// Compress the target.
     #[arg(short = 'c', long = "compress")]
     pub compress: bool,
     /// Target cache mode.
-    #[arg(short = 't', long = "target-cache", value_name = "TGT_CACHE")]
+    #[arg(
+        short = 't',
+        long = "target-cache",
+        value_name = "TGT_CACHE",
+        allow_hyphen_values = true
+    )]
     pub tgt_cache: Option<String>,
     /// Backing file of the target.
-    #[arg(short = 'B', long = "backing", value_name = "BACKING_FILENAME")]
+    #[arg(
+        short = 'B',
+        long = "backing",
+        value_name = "BACKING_FILENAME",
+        allow_hyphen_values = true
+    )]
     pub backing: Option<String>,
     /// Backing file format.
-    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
+    #[arg(
+        short = 'F',
+        long = "backing-format",
+        value_name = "BACKING_FMT",
+        allow_hyphen_values = true
+    )]
     pub backing_format: Option<String>,
     /// Do not create the target.
     #[arg(short = 'n', long = "no-create")]
@@ -191,7 +241,12 @@ pub struct ConvertArgs {
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
     /// Minimum run of zeroes to leave unallocated.
-    #[arg(short = 'S', long = "sparse-size", value_name = "SPARSE_SIZE")]
+    #[arg(
+        short = 'S',
+        long = "sparse-size",
+        value_name = "SPARSE_SIZE",
+        allow_hyphen_values = true
+    )]
     pub sparse_size: Option<String>,
     /// Copy persistent bitmaps.
     #[arg(long = "bitmaps")]
@@ -203,10 +258,20 @@ pub struct ConvertArgs {
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Rate limit in bytes per second.
-    #[arg(short = 'r', long = "rate", value_name = "RATE")]
+    #[arg(
+        short = 'r',
+        long = "rate",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
     pub rate: Option<String>,
     /// Parallel workers (1 to 16).
-    #[arg(short = 'm', long = "parallel", value_name = "NUM")]
+    #[arg(
+        short = 'm',
+        long = "parallel",
+        value_name = "NUM",
+        allow_hyphen_values = true
+    )]
     pub parallel: Option<String>,
     /// copy_file_range offloading.
     #[arg(short = 'C', long = "copy-range-offloading")]

@@ -7,6 +7,7 @@
 mod args;
 mod chain;
 pub mod human;
+mod imgopts;
 mod misc;
 mod progress;
 mod qverbs;

@@ -1,5 +1,5 @@
 //! Progress reporting: qemu-img's `(NN.NN/100%)` lines where stdout is not a terminal, an
-//! indicatif bar on a terminal, JSON lines for scripts (`--progress-json`), and one line on
+//! indicatif bar on a terminal, JSON lines for scripts (`--progress=json`), and one line on
 //! stderr at SIGUSR1 when no progress was asked for, as qemu-img does.
 
 use std::io::{IsTerminal, Write};
@@ -33,7 +33,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// `enabled`: `-p`; `json`: `--progress-json`; `min_skip`: percent between updates.
+    /// `enabled`: `-p`; `json`: `--progress=json`; `min_skip`: percent between updates.
     pub fn new(enabled: bool, json: bool, min_skip: f64) -> Progress {
         let mode = if json {
             Mode::Json

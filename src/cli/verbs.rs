@@ -6,6 +6,7 @@ use super::args::{
     self, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DdArgs, InfoArgs, MapArgs, MeasureArgs,
     ResizeArgs,
 };
+use super::imgopts;
 use super::progress::Progress;
 use super::{human, prog, CliError, VerbResult};
 use crate::formats::options::{parse_size, split_opts, SizeError};
@@ -173,13 +174,30 @@ pub(super) fn cvtnum(what: &str, s: &str) -> Result<u64, CliError> {
 
 /// qemu-img's `cvtnum_full`: a size argument within bounds.
 pub(super) fn cvtnum_full(what: &str, s: &str, min: u64, max: u64) -> Result<u64, CliError> {
-    match parse_size(s) {
+    // qemu reads a negative number as out of range only when nothing follows its digits
+    // ("-5"); "-1k" or "-1.5" are invalid
+    let parsed = match s.trim_start().strip_prefix('-') {
+        Some(n) if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(SizeError::Invalid)
+        }
+        // a hexadecimal number takes no suffix in qemu ("0x10k" is invalid)
+        _ if hex_with_suffix(s.trim_start()) => Err(SizeError::Invalid),
+        _ => parse_size(s),
+    };
+    match parsed {
         Ok(v) if (min..=max).contains(&v) => Ok(v),
         Err(SizeError::Invalid) => Err(CliError::Msg(format!("Invalid {what} specified: '{s}'."))),
         _ => Err(CliError::Msg(format!(
             "Invalid {what} specified. Must be between {min} and {max}."
         ))),
     }
+}
+
+/// `0x...` followed by anything but hexadecimal digits.
+fn hex_with_suffix(s: &str) -> bool {
+    s.strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .is_some_and(|h| !h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn size_arg(s: &str) -> Result<u64, CliError> {
@@ -434,9 +452,27 @@ fn convert(argv: &[String]) -> VerbResult {
     };
     o.src_direct = cache(&a.src_cache, "source cache option")?;
     let (target, sources) = a.files.split_last().expect("two or more");
-    o.sources = sources.to_vec();
+    // (file, specification) of each --image-opts image, to word open errors as qemu-img
+    let mut specs: Vec<(String, String)> = Vec::new();
+    let mut spec_share = false;
+    if a.image_opts {
+        if a.format.is_some() {
+            return Err(CliError::Msg(
+                "--image-opts and --format are mutually exclusive".into(),
+            ));
+        }
+        for s in sources {
+            let sp = imgopts::parse(s, a.force_share)?;
+            spec_share |= sp.force_share;
+            o.sources.push(sp.filename.clone());
+            o.source_formats.push(sp.format);
+            specs.push((sp.filename, s.clone()));
+        }
+    } else {
+        o.sources = sources.to_vec();
+        o.source_format = open_format(&a.format, &sources[0])?;
+    }
     o.target = target.clone();
-    o.source_format = open_format(&a.format, &sources[0])?;
     o.target_format = a.target_format.clone().unwrap_or_else(|| "raw".into());
     o.target_opts = merge_opts(&a.options)?;
     o.compress = a.compress;
@@ -444,7 +480,7 @@ fn convert(argv: &[String]) -> VerbResult {
     o.target_is_zero = a.target_is_zero;
     o.backing = a.backing.clone();
     o.backing_format = a.backing_format.clone();
-    o.force_share = a.force_share;
+    o.force_share = a.force_share || spec_share;
     o.out_of_order = a.oob_writes;
     o.salvage = a.salvage;
     o.copy_range = a.copy_range;
@@ -454,19 +490,71 @@ fn convert(argv: &[String]) -> VerbResult {
     o.warn = Some(print_warning);
     o.tgt_direct = cache(&a.tgt_cache, "cache option")?;
     o.tgt_flush = !matches!(a.tgt_cache.as_deref(), None | Some("unsafe"));
-    if target == "-" && (a.progress || a.progress_json) && !a.quiet {
+    if a.target_image_opts {
+        // (-n is required, checked above) the format comes from the specification
+        if a.target_format.is_some() {
+            return Err(CliError::Msg(
+                "--image-opts and --format are mutually exclusive".into(),
+            ));
+        }
+        let sp = imgopts::parse(target, false)?;
+        let format = sp.format.unwrap_or_else(|| probe_file(&sp.filename));
+        o.target = sp.filename.clone();
+        o.target_format = format.name().to_string();
+        o.target_probe = sp.format.is_none();
+        specs.push((sp.filename, target.clone()));
+    }
+    // `--progress[=text|json]`; `--progress-json` is the older spelling of `=json`
+    let (text_progress, json_progress) = match a.progress_mode.as_deref() {
+        None => (a.progress, a.progress_json),
+        Some("text") => (true, a.progress_json),
+        Some("json") => (a.progress, true),
+        Some(other) => {
+            return Err(CliError::Msg(format!(
+                "Invalid progress output specified: '{other}'. Valid values are 'text' and 'json'."
+            )))
+        }
+    };
+    if target == "-" && (text_progress || json_progress) && !a.quiet {
         // progress goes to stdout, which carries the image
         return Err(CliError::Msg(
             "-p cannot be used when the target is standard output ('-')".into(),
         ));
     }
-    let progress = Progress::new(a.progress && !a.quiet, a.progress_json && !a.quiet, 1.0);
-    progress.report(0, 1);
+    let progress = Progress::new(text_progress && !a.quiet, json_progress && !a.quiet, 1.0);
+    if !json_progress {
+        // qemu-img's first line before the sources are open; JSON waits for the real total
+        progress.report(0, 1);
+    }
     let cb = |d: u64, t: u64| progress.report(d, t);
     let r = ops::convert::convert(&o, Some(&cb));
     progress.finish();
-    r?;
+    r.map_err(|e| {
+        let reworded = specs
+            .iter()
+            .find_map(|(file, spec)| imgopts::reword(e.message(), file, spec));
+        match reworded {
+            Some(m) => e.with_message(m),
+            None => e,
+        }
+    })?;
     Ok(0)
+}
+
+/// The format of an existing file as probing finds it (raw when it cannot be read: the
+/// open that follows reports why).
+fn probe_file(path: &str) -> Format {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let mut head = Vec::new();
+    // never open a FIFO or character device here (it would block or never end)
+    let plain = std::fs::metadata(path)
+        .map(|m| m.is_file() || m.file_type().is_block_device())
+        .unwrap_or(false);
+    if let Some(Ok(f)) = plain.then(|| std::fs::File::open(path)) {
+        let _ = f.take(2048).read_to_end(&mut head);
+    }
+    crate::formats::probe(&head, path)
 }
 
 fn map(argv: &[String]) -> VerbResult {

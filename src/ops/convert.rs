@@ -13,12 +13,18 @@ pub struct ConvertOptions {
     pub sources: Vec<String>,
     /// Source format (`-f`), probed when `None`.
     pub source_format: Option<Format>,
+    /// Per-source formats (`--image-opts` specifications name one each); where given, they
+    /// replace `source_format` (`None` probes).
+    pub source_formats: Vec<Option<Format>>,
     /// Target image; `-` writes a streamOptimized vmdk to standard output (the only format
     /// that can be written sequentially).
     pub target: String,
     /// Target format name (`-O`, default raw); checked after the sources are open, as
     /// qemu-img does.
     pub target_format: String,
+    /// With `no_create`: probe the target's format when opening it (a `--target-image-opts`
+    /// specification without a driver; `target_format` names what the caller probed).
+    pub target_probe: bool,
     /// Target `-o` options.
     pub target_opts: CreateOpts,
     /// `-c`
@@ -67,8 +73,10 @@ impl ConvertOptions {
         ConvertOptions {
             sources,
             source_format: None,
+            source_formats: Vec::new(),
             target,
             target_format: "raw".to_string(),
+            target_probe: false,
             target_opts: CreateOpts::new(),
             compress: false,
             no_create: false,
@@ -110,9 +118,13 @@ pub fn convert(
         return Err(Error::invalid_arg("Must specify image file name"));
     }
     let mut srcs: Vec<Box<dyn BlockDriver>> = Vec::new();
-    for name in &opts.sources {
+    for (i, name) in opts.sources.iter().enumerate() {
         let o = OpenOptions {
-            format: opts.source_format,
+            format: opts
+                .source_formats
+                .get(i)
+                .copied()
+                .unwrap_or(opts.source_format),
             force_share: opts.force_share,
             direct: opts.src_direct,
             exclusive: true,
@@ -242,7 +254,7 @@ pub fn convert(
         formats::open(
             &opts.target,
             &OpenOptions {
-                format: Some(target_format),
+                format: (!(opts.target_probe && opts.no_create)).then_some(target_format),
                 write: true,
                 direct: opts.tgt_direct,
                 no_flush: !opts.tgt_flush,
@@ -287,6 +299,10 @@ pub fn convert(
         dense: opts.sparse_size == 0,
         copy_offload: opts.copy_range && offload_capable(&srcs, tgt.as_ref()),
     };
+    // the real total before any data moves (a caller's first report cannot know it)
+    if let Some(cb) = progress {
+        cb(0, total);
+    }
     let stats = engine::copy(&params)?;
     if opts.bitmaps {
         let r = copy_bitmaps(srcs[0].as_ref(), tgt.as_ref(), opts);
