@@ -293,3 +293,43 @@ fn create_matches_qemu_img() {
         }
     }
 }
+
+/// `-o` values are checked in order, as qemu parses them, before `-b`, the size argument and
+/// the `Formatting` line: the same message, the same exit code, and no file made.
+#[test]
+fn create_checks_option_values_first_like_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    for (fmt, opts) in [
+        ("qcow2", "cluster_size=abc"),
+        ("qcow2", "cluster_size=0x10k"),
+        ("qcow2", "lazy_refcounts=maybe"),
+        ("qcow2", "refcount_bits=x"),
+        ("qcow2", "size=0x10k"),
+        ("qcow2", "size=-1k"),
+        ("qcow2", "size=-5"),
+        ("qcow2", "size=99999999999999999999"),
+        ("qcow2", "cluster_size=20E"),
+        ("qcow2", "size=bad,bogus=1"),
+        ("qcow2", "bogus=1,size=bad"),
+        ("raw", "backing_file=x"),
+        ("raw", "size=bad,backing_file=x"),
+        ("vdi", "static=maybe"),
+        ("vmdk", "zeroed_grain=2"),
+        ("vmdk", "hwversion=4,size=1.5.5"),
+    ] {
+        same_as_qemu(d, &["create", "-f", fmt, "-o", opts, "x.img", "1M"]);
+        assert!(!d.join("x.img").exists(), "{fmt} {opts}: a file was made");
+    }
+    // -o size is checked even when a size argument overrides it; -b comes after -o
+    same_as_qemu(
+        d,
+        &[
+            "create", "-f", "raw", "-b", "x", "-F", "raw", "-o", "size=bad", "x.img", "1M",
+        ],
+    );
+    // sizes written as qemu accepts them
+    let out = same_as_qemu(d, &["create", "-f", "qcow2", "-o", "size=1.5k", "x.img"]);
+    assert!(stdout(&out).contains("size=1536"));
+}

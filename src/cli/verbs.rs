@@ -174,30 +174,14 @@ pub(super) fn cvtnum(what: &str, s: &str) -> Result<u64, CliError> {
 
 /// qemu-img's `cvtnum_full`: a size argument within bounds.
 pub(super) fn cvtnum_full(what: &str, s: &str, min: u64, max: u64) -> Result<u64, CliError> {
-    // qemu reads a negative number as out of range only when nothing follows its digits
-    // ("-5"); "-1k" or "-1.5" are invalid
-    let parsed = match s.trim_start().strip_prefix('-') {
-        Some(n) if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) => {
-            Err(SizeError::Invalid)
-        }
-        // a hexadecimal number takes no suffix in qemu ("0x10k" is invalid)
-        _ if hex_with_suffix(s.trim_start()) => Err(SizeError::Invalid),
-        _ => parse_size(s),
-    };
-    match parsed {
+    // qemu's rules ("-5" out of range, "-1k" and "0x10k" invalid) are parse_size's
+    match parse_size(s) {
         Ok(v) if (min..=max).contains(&v) => Ok(v),
         Err(SizeError::Invalid) => Err(CliError::Msg(format!("Invalid {what} specified: '{s}'."))),
         _ => Err(CliError::Msg(format!(
             "Invalid {what} specified. Must be between {min} and {max}."
         ))),
     }
-}
-
-/// `0x...` followed by anything but hexadecimal digits.
-fn hex_with_suffix(s: &str) -> bool {
-    s.strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .is_some_and(|h| !h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn size_arg(s: &str) -> Result<u64, CliError> {
@@ -227,6 +211,14 @@ fn create(argv: &[String]) -> VerbResult {
     let format = Format::from_name(&format_name)
         .map_err(|_| CliError::Msg(format!("{filename}: Unknown file format '{format_name}'")))?;
     let mut options = merge_opts(&a.options)?;
+    // -o is checked first, in order, as qemu parses it: before -b, the size argument and the
+    // `Formatting` line
+    let known = crate::formats::create_options(format)
+        .iter()
+        .chain(crate::formats::raw::PROTOCOL_OPTS);
+    options
+        .check_typed(known, &filename)
+        .map_err(CliError::Lib)?;
     if let Some(b) = &a.backing {
         options.set("backing_file", b);
     }

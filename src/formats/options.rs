@@ -134,13 +134,14 @@ impl CreateOpts {
     pub fn get_size(&self, key: &str) -> Result<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => parse_size(v)
-                .map(Some)
-                .map_err(|_| {
-                    Error::invalid_arg(format!(
-                        "Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
-                    ))
-                }),
+            Some(v) => parse_size(v).map(Some).map_err(|e| match e {
+                SizeError::Range => Error::invalid_arg(format!(
+                    "Value '{v}' is out of range for parameter '{key}'"
+                )),
+                SizeError::Invalid => Error::invalid_arg(format!(
+                    "Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+                )),
+            }),
         }
     }
 
@@ -152,6 +153,35 @@ impl CreateOpts {
                 .map(Some)
                 .ok_or_else(|| Error::invalid_arg(format!("Parameter '{key}' expects a number"))),
         }
+    }
+
+    /// Checks the options in the order given as qemu parses an `-o` string: the first one not
+    /// in `known`, or whose value does not read as its type, fails with qemu's message
+    /// (prefixed with `filename`).
+    pub fn check_typed<'a>(
+        &self,
+        known: impl Iterator<Item = &'a OptDesc> + Clone,
+        filename: &str,
+    ) -> Result<()> {
+        for (k, v) in &self.values {
+            let Some(d) = known.clone().find(|d| d.name == k) else {
+                return Err(Error::invalid_arg(format!(
+                    "{filename}: Invalid parameter '{k}'"
+                )));
+            };
+            let one = CreateOpts {
+                values: vec![(k.clone(), v.clone())],
+                unsafe_backing: false,
+            };
+            let r = match d.kind {
+                OptKind::Size => one.get_size(k).map(|_| ()),
+                OptKind::Bool => one.get_bool(k).map(|_| ()),
+                OptKind::Number => one.get_number(k).map(|_| ()),
+                OptKind::Str => Ok(()),
+            };
+            r.map_err(|e| e.context(filename))?;
+        }
+        Ok(())
     }
 
     /// Fails with qemu's message on the first option not in `known`.
@@ -227,9 +257,12 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, SizeError> {
 pub fn parse_size_default(s: &str, default_unit: u64) -> std::result::Result<u64, SizeError> {
     let s = s.trim_start();
     if let Some(neg) = s.strip_prefix('-') {
-        return match parse_size_default(neg, default_unit) {
-            Ok(_) | Err(SizeError::Range) => Err(SizeError::Range),
-            Err(e) => Err(e),
+        // qemu: a negative number is out of range when only digits follow the sign ("-5");
+        // "-1k" or "-1.5" are invalid
+        return if !neg.is_empty() && neg.bytes().all(|b| b.is_ascii_digit()) {
+            Err(SizeError::Range)
+        } else {
+            Err(SizeError::Invalid)
         };
     }
     if s.is_empty() {
@@ -262,7 +295,8 @@ pub fn parse_size_default(s: &str, default_unit: u64) -> std::result::Result<u64
         .strip_prefix("0x")
         .or_else(|| num_part.strip_prefix("0X"))
     {
-        if hex.is_empty() {
+        // a hexadecimal number takes no suffix in qemu ("0x10k" is invalid)
+        if hex.is_empty() || !suffix.is_empty() {
             return Err(SizeError::Invalid);
         }
         let v = u64::from_str_radix(hex, 16).map_err(|_| SizeError::Invalid)?;
