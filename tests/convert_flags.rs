@@ -461,29 +461,6 @@ fn target_image_opts_with_n_match_qemu_img() {
     }
 }
 
-/// Starts qemu-io holding `image` read-write (stdin kept open) and waits for its locks.
-fn hold_rw(d: &Path, fmt: &str, image: &str) -> std::process::Child {
-    let mut child = Command::new("qemu-io")
-        .args(["-f", fmt, image])
-        .current_dir(d)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io");
-    // qemu-img itself tells when the image is locked
-    for _ in 0..500 {
-        let out = qemu_img(d, &["info", image]);
-        if stderr(&out).contains("lock") {
-            return child;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("qemu-io did not lock {image}");
-}
-
 #[test]
 fn force_share_reads_a_busy_image_like_qemu_img() {
     require_qemu!();
@@ -491,7 +468,7 @@ fn force_share_reads_a_busy_image_like_qemu_img() {
     let d = dir.path();
     qcow2_src(d, "a.qcow2");
     let expect = qemu_raw(d, "a.qcow2", None);
-    let mut child = hold_rw(d, "qcow2", "a.qcow2");
+    let mut child = hold(d, "qcow2", "a.qcow2", false);
     let out = same_as_qemu(d, &["convert", "-O", "raw", "a.qcow2", "o.raw"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(

@@ -4,23 +4,6 @@
 
 mod common;
 use common::*;
-use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Stdio};
-
-/// The lock bytes held on `path`, from /proc/locks (ranges expanded).
-fn locks_on(path: &std::path::Path) -> Vec<u64> {
-    let ino = std::fs::metadata(path).unwrap().ino();
-    let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-    text.lines()
-        .filter(|l| l.contains(&format!(":{ino} ")))
-        .flat_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let a: u64 = f.get(6).and_then(|s| s.parse().ok()).unwrap_or(0);
-            let b: u64 = f.get(7).and_then(|s| s.parse().ok()).unwrap_or(a);
-            a..=b
-        })
-        .collect()
-}
 
 /// Waits until no lock is left on `path`. A child process that another test thread is
 /// spawning holds copies of our open files (and so their locks) until it execs.
@@ -32,32 +15,6 @@ fn wait_unlocked(path: &std::path::Path) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     false
-}
-
-/// Starts qemu-io on `image` (read-write unless `ro`) and waits until it holds its locks.
-fn hold(dir: &std::path::Path, fmt: &str, image: &str, ro: bool) -> std::process::Child {
-    let mut args = vec!["-f", fmt];
-    if ro {
-        args.push("-r");
-    }
-    args.push(image);
-    let mut child = Command::new("qemu-io")
-        .args(&args)
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io");
-    for _ in 0..400 {
-        if !locks_on(&dir.join(image)).is_empty() {
-            return child;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("qemu-io did not lock {image}");
 }
 
 #[test]

@@ -238,3 +238,46 @@ pub fn mixed_raw(dir: &Path, name: &str, size: u64) {
     mixed[8192..16384].fill(0);
     f.write_all_at(&mixed, 5 << 20).unwrap();
 }
+
+/// The lock bytes held on `path`, from /proc/locks (ranges expanded).
+pub fn locks_on(path: &std::path::Path) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino();
+    let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains(&format!(":{ino} ")))
+        .flat_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let a: u64 = f.get(6).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let b: u64 = f.get(7).and_then(|s| s.parse().ok()).unwrap_or(a);
+            a..=b
+        })
+        .collect()
+}
+
+/// Starts qemu-io on `image` (read-write unless `ro`) and waits until it holds its locks (seen
+/// in /proc/locks: probing with qemu-img would itself take a lock qemu-io could trip on).
+pub fn hold(dir: &std::path::Path, fmt: &str, image: &str, ro: bool) -> std::process::Child {
+    let mut args = vec!["-f", fmt];
+    if ro {
+        args.push("-r");
+    }
+    args.push(image);
+    let mut child = std::process::Command::new("qemu-io")
+        .args(&args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    for _ in 0..400 {
+        if !locks_on(&dir.join(image)).is_empty() {
+            return child;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("qemu-io did not lock {image}");
+}
