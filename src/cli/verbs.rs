@@ -490,7 +490,9 @@ fn convert(argv: &[String]) -> VerbResult {
             ));
         }
         let sp = imgopts::parse(target, false)?;
-        let format = sp.format.unwrap_or_else(|| probe_file(&sp.filename));
+        let format = sp
+            .format
+            .unwrap_or_else(|| crate::formats::probe_path(&sp.filename));
         o.target = sp.filename.clone();
         o.target_format = format.name().to_string();
         o.target_probe = sp.format.is_none();
@@ -531,22 +533,6 @@ fn convert(argv: &[String]) -> VerbResult {
         }
     })?;
     Ok(0)
-}
-
-/// The format of an existing file as probing finds it (raw when it cannot be read: the
-/// open that follows reports why).
-fn probe_file(path: &str) -> Format {
-    use std::io::Read;
-    use std::os::unix::fs::FileTypeExt;
-    let mut head = Vec::new();
-    // never open a FIFO or character device here (it would block or never end)
-    let plain = std::fs::metadata(path)
-        .map(|m| m.is_file() || m.file_type().is_block_device())
-        .unwrap_or(false);
-    if let Some(Ok(f)) = plain.then(|| std::fs::File::open(path)) {
-        let _ = f.take(2048).read_to_end(&mut head);
-    }
-    crate::formats::probe(&head, path)
 }
 
 fn map(argv: &[String]) -> VerbResult {

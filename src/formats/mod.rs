@@ -606,6 +606,22 @@ pub fn probe(header: &[u8], filename: &str) -> Format {
 
 const PROBE_LEN: usize = 2048;
 
+/// The format of an existing file as probing finds it (raw when it cannot be read: the
+/// open that follows reports why). FIFOs and character devices are not read (a read would
+/// block or never end).
+pub fn probe_path(path: &str) -> Format {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let mut head = Vec::new();
+    let plain = std::fs::metadata(path)
+        .map(|m| m.is_file() || m.file_type().is_block_device())
+        .unwrap_or(false);
+    if let Some(Ok(f)) = plain.then(|| std::fs::File::open(path)) {
+        let _ = f.take(PROBE_LEN as u64).read_to_end(&mut head);
+    }
+    probe(&head, path)
+}
+
 /// Opens an image by name.
 pub fn open(filename: &str, opts: &OpenOptions) -> Result<Box<dyn BlockDriver>> {
     let ctx = OpenCtx {

@@ -335,25 +335,13 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                         group_data += data;
                         continue;
                     }
-                    let (status, len) = if p.dense {
-                        (Status::Data, size - off)
-                    } else {
-                        chain_status(s.img, off, size - off, p.top_only)?
-                    };
-                    let end = off + len.min(size - off);
-                    let mut pos = off;
-                    while pos < end {
-                        // Data items stop at chunk boundaries of the target offset.
-                        let n = match status {
-                            Status::Data => window_end(pos).min(end) - pos,
-                            _ => end - pos,
-                        };
-                        if !emit(si, vec![(pos, n, status)]) {
-                            return Ok(());
-                        }
-                        pos += n;
+                    // dense (`dd`, -S 0): everything is data, in items cut at the chunk
+                    // boundaries of the target offset
+                    let n = window_end(off) - off;
+                    if !emit(si, vec![(off, n, Status::Data)]) {
+                        return Ok(());
                     }
-                    off = end;
+                    off += n;
                 }
                 if !emit(si, group) {
                     return Ok(());
