@@ -25,6 +25,7 @@ fn populate(d: &Path, img: &str, cluster: u64, compressed: bool) {
 
 fn compare_all(d: &Path, img: &str) {
     same_as_qemu(d, &["map", "--output=json", img]);
+    same_as_qemu(d, &["map", img]);
     same_as_qemu(d, &["info", img]);
     same_as_qemu(d, &["info", "--output=json", img]);
     same_as_qemu(d, &["info", "--output=json", "--backing-chain", img]);
@@ -320,5 +321,24 @@ fn measure_matches_qemu_img() {
         &["measure", "-O", "raw", "src.qcow2"],
     ] {
         same_as_qemu(d, args);
+    }
+}
+
+/// An external data file: `map` names it as the file holding the data, raw or not.
+#[test]
+fn external_data_file_reads_and_maps_like_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    for (img, opts) in [
+        ("df.qcow2", "data_file=df.data"),
+        ("dfr.qcow2", "data_file=dfr.data,data_file_raw=on"),
+    ] {
+        ok(qemu_img(
+            d,
+            &["create", "-q", "-f", "qcow2", "-o", opts, img, "8M"],
+        ));
+        populate(d, img, 65536, false);
+        compare_all(d, img);
     }
 }

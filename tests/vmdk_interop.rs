@@ -907,3 +907,33 @@ fn resize_grows_sparse_and_flat() {
         );
     }
 }
+
+/// `map` names the extent file that holds each run, and reports a flat extent as data all
+/// along (its holes too, with zero set where the extent file has a hole), as qemu-img does.
+#[test]
+fn map_matches_qemu_for_every_subformat() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    for (name, opts, size) in [
+        ("ms.vmdk", "", "8M"),
+        ("mf.vmdk", "subformat=monolithicFlat", "8M"),
+        ("ts.vmdk", "subformat=twoGbMaxExtentSparse", "3G"),
+        ("tf.vmdk", "subformat=twoGbMaxExtentFlat", "3G"),
+        ("so.vmdk", "subformat=streamOptimized", "8M"),
+    ] {
+        qemu_create(d, name, opts, size);
+        // data on both sides of the 2 GiB extent boundary where there is one, a zero write
+        let cmds = if size == "3G" {
+            vec!["write -P 0x11 2047M 2M", "write -P 0x22 1M 64k"]
+        } else {
+            vec!["write -P 0x22 1M 64k", "write -z 3M 64k"]
+        };
+        ok(qemu_io(d, "vmdk", name, &cmds));
+        same_as_qemu(d, &["map", name]);
+        same_as_qemu(d, &["map", "--output=json", name]);
+        // through a path that is not the file's plain name
+        let indirect = format!("../{}/{name}", d.file_name().unwrap().to_str().unwrap());
+        same_as_qemu(d, &["map", &indirect]);
+    }
+}

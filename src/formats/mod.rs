@@ -146,10 +146,28 @@ pub trait BlockDriver: Send + Sync {
     /// Where the guest range starting at `offset` lives, for as long as it stays the same
     /// kind: returns the mapping and its length (at least 1, at most `max_len`).
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)>;
-    /// For a `Data` run at `host_offset`, what the host file says where QEMU would ask it
-    /// (qcow2 with preallocated metadata): `Some((reads_as_zero, length))`, else `None`.
-    fn host_zero_status(&self, _host_offset: u64, _len: u64) -> Result<Option<(bool, u64)>> {
+    /// [`map`](Self::map) as `qemu-img map` reports it, where that differs from what a copy
+    /// needs to know: a flat VMDK extent is data all along, its holes included (QEMU asks the
+    /// extent file, see [`host_zero_status`](Self::host_zero_status)), where `map` calls the
+    /// holes zero so that nothing reads them.
+    fn map_reported(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        self.map(offset, max_len)
+    }
+    /// For a `Data` run at guest `offset`, mapped to `host_offset`, what the host file says
+    /// where QEMU would ask it (qcow2 with preallocated metadata, a hole in a flat VMDK
+    /// extent): `Some((reads_as_zero, length))`, else `None`.
+    fn host_zero_status(
+        &self,
+        _offset: u64,
+        _host_offset: u64,
+        _len: u64,
+    ) -> Result<Option<(bool, u64)>> {
         Ok(None)
+    }
+    /// The file holding the data mapped at guest `offset` when it is not the image's own
+    /// file (a VMDK extent file, qcow2's external data file), as `qemu-img map` names it.
+    fn data_filename(&self, _offset: u64) -> Option<&str> {
+        None
     }
     /// For `Zero`/`Unallocated` runs: the host offset reserved for `offset` where there is
     /// one (a preallocated qcow2 zero cluster, an unallocated subcluster of an allocated

@@ -421,6 +421,24 @@ impl HostFile {
         }
     }
 
+    /// Whether `[offset, offset+len)` starts in a hole (or past the end) of the host file,
+    /// and for how many bytes that stays so (at least 1, at most `len`).
+    pub fn hole_status(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        let flen = self.len()?;
+        if offset >= flen {
+            return Ok((true, len));
+        }
+        let end = offset.saturating_add(len);
+        Ok(match self.seek_data(offset)? {
+            Some(d) if d <= offset => {
+                let hole = self.seek_hole(offset)?.min(flen).max(offset + 1);
+                (false, hole.min(end) - offset)
+            }
+            Some(d) => (true, d.min(end) - offset),
+            None => (true, len),
+        })
+    }
+
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
         loop {
             // SAFETY: fallocate on a valid fd.

@@ -34,7 +34,7 @@ pub fn block_status(img: &dyn BlockDriver, offset: u64, max_len: u64) -> Result<
     let mut depth = 0u64;
     let mut len = max_len;
     loop {
-        let (m, n) = layer.map(offset, len)?;
+        let (m, n) = layer.map_reported(offset, len)?;
         if n == 0 {
             return Err(Error::corrupt(format!(
                 "{}: no progress in the allocation map at offset {offset}",
@@ -57,12 +57,13 @@ pub fn block_status(img: &dyn BlockDriver, offset: u64, max_len: u64) -> Result<
         match m {
             Mapping::Data { host_offset } => {
                 e.data = true;
-                if let Some((zero, n)) = layer.host_zero_status(host_offset, len)? {
+                if let Some((zero, n)) = layer.host_zero_status(offset, host_offset, len)? {
                     e.zero = zero;
                     e.length = n.clamp(1, len);
                 }
                 e.offset = Some(host_offset);
-                e.filename = Some(layer.filename().to_string());
+                let file = layer.data_filename(offset).unwrap_or(layer.filename());
+                e.filename = Some(file.to_string());
                 return Ok(e);
             }
             Mapping::Compressed => {

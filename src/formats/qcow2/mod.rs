@@ -86,6 +86,8 @@ pub struct Qcow2 {
     pub(crate) writable: bool,
     pub(crate) has_data_file: bool,
     pub(crate) data_file_name: Option<String>,
+    /// The external data file as opened (the name `map` prints).
+    data_file_path: Option<String>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -141,6 +143,7 @@ impl Qcow2 {
         };
         let has_data_file = hdr.incompatible & header::INCOMPAT_DATA_FILE != 0;
         let mut data_file = None;
+        let mut data_file_path = None;
         if has_data_file {
             let name = hdr
                 .data_file
@@ -149,7 +152,10 @@ impl Qcow2 {
             let full = crate::formats::resolve_backing_name(filename, &name);
             crate::formats::check_named_file(&full, crate::formats::NamedBy::Backing)?;
             match HostFile::open(&full, &ctx.opts.host()) {
-                Ok(f) => data_file = Some(f),
+                Ok(f) => {
+                    data_file = Some(f);
+                    data_file_path = Some(full.clone());
+                }
                 Err(e) => {
                     if !ctx.opts.no_backing {
                         let why = e
@@ -190,6 +196,7 @@ impl Qcow2 {
             hdr,
             file,
             data_file,
+            data_file_path,
             filename: filename.to_string(),
             backing,
             snapshots,
@@ -624,8 +631,17 @@ impl BlockDriver for Qcow2 {
         Ok((mapping, n))
     }
 
-    fn host_zero_status(&self, host_offset: u64, len: u64) -> Result<Option<(bool, u64)>> {
+    fn host_zero_status(
+        &self,
+        _offset: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> Result<Option<(bool, u64)>> {
         self.host_status(host_offset, len)
+    }
+
+    fn data_filename(&self, _offset: u64) -> Option<&str> {
+        self.data_file_path.as_deref()
     }
 
     fn reserved_host_offset(&self, offset: u64) -> Result<Option<u64>> {

@@ -46,19 +46,6 @@ impl Qcow2 {
         if len == 0 || !self.metadata_preallocated()? {
             return Ok(None);
         }
-        let f = self.data()?;
-        let flen = f.len()?;
-        if host_offset >= flen {
-            return Ok(Some((true, len)));
-        }
-        let end = host_offset.saturating_add(len);
-        Ok(Some(match f.seek_data(host_offset)? {
-            Some(d) if d <= host_offset => {
-                let hole = f.seek_hole(host_offset)?.min(flen).max(host_offset + 1);
-                (false, hole.min(end) - host_offset)
-            }
-            Some(d) => (true, d.min(end) - host_offset),
-            None => (true, len),
-        }))
+        Ok(Some(self.data()?.hole_status(host_offset, len)?))
     }
 }

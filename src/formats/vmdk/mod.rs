@@ -956,6 +956,39 @@ impl BlockDriver for VmdkDriver {
         Ok((m, n))
     }
 
+    fn map_reported(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        self.check_range(offset, 0)?;
+        let ext = self.find(offset)?;
+        let rel = offset - ext.start;
+        let left = (ext.len - rel).min(max_len);
+        match &ext.kind {
+            ExtentKind::Flat { offset: base, .. } if left > 0 => Ok((
+                Mapping::Data {
+                    host_offset: base + rel,
+                },
+                left,
+            )),
+            _ => self.map(offset, left),
+        }
+    }
+
+    fn host_zero_status(
+        &self,
+        offset: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> Result<Option<(bool, u64)>> {
+        match &self.find(offset)?.kind {
+            ExtentKind::Flat { file, .. } => Ok(Some(file.hole_status(host_offset, len)?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn data_filename(&self, offset: u64) -> Option<&str> {
+        let i = self.find(offset).ok()?.file_idx?;
+        Some(self.files[i].0.as_str())
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.stream_busy()?;
