@@ -318,6 +318,11 @@ fn create_checks_option_values_first_like_qemu_img() {
         ("vdi", "static=maybe"),
         ("vmdk", "zeroed_grain=2"),
         ("vmdk", "hwversion=4,size=1.5.5"),
+        // encryption needs a secret object, which neither tool is given here
+        ("qcow2", "encrypt.format=luks"),
+        ("qcow2", "encrypt.format=aes,encrypt.key-secret=sec0"),
+        ("qcow2", "encryption=on"),
+        ("qcow2", "encrypt.format=bogus"),
     ] {
         same_as_qemu(d, &["create", "-f", fmt, "-o", opts, "x.img", "1M"]);
         assert!(!d.join("x.img").exists(), "{fmt} {opts}: a file was made");

@@ -324,9 +324,18 @@ pub fn params(opts: &CreateOpts) -> Result<Qcow2CreateParams> {
     let encrypt =
         opts.get_bool("encryption")?.unwrap_or(false) || opts.get("encrypt.format").is_some();
     if encrypt {
-        return Err(Error::unsupported(
-            "Encrypted qcow2 images are not supported by diskit",
-        ));
+        // diskit has no encryption (nor QEMU's secret objects): fail as qemu-img does without
+        // a `--object secret` for the key
+        let format = opts.get("encrypt.format").unwrap_or("aes");
+        if format != "luks" && format != "aes" {
+            return Err(Error::invalid_arg(format!(
+                "Parameter 'format' does not accept value '{format}'"
+            )));
+        }
+        return Err(match opts.get("encrypt.key-secret") {
+            None => Error::invalid_arg("Parameter 'encrypt.key-secret' is required for cipher"),
+            Some(id) => Error::unsupported(format!("No secret with id '{id}'")),
+        });
     }
     let size = size.ok_or_else(|| Error::invalid_arg("Image creation needs a size parameter"))?;
     let size = size.div_ceil(512) * 512;
