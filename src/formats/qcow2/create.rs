@@ -504,6 +504,7 @@ pub fn create_with(filename: &str, p: &Qcow2CreateParams) -> Result<()> {
         },
         bitmaps: None,
         has_crypto_ext: false,
+        crypto_ext: None,
         unknown_exts: Vec::new(),
         backing_file: p.backing_file.clone(),
     };

@@ -39,6 +39,10 @@ pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
 /// Full disk encryption header pointer.
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
+/// `crypt_method`: the legacy AES-CBC encryption.
+pub const CRYPT_AES: u32 = 1;
+/// `crypt_method`: LUKS, its header in the image file (the crypto extension points at it).
+pub const CRYPT_LUKS: u32 = 2;
 /// External data file name.
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
@@ -152,6 +156,8 @@ pub struct Header {
     pub bitmaps: Option<BitmapsExt>,
     /// Crypto header extension present.
     pub has_crypto_ext: bool,
+    /// The LUKS header's place in the image file (offset, length), from the crypto extension.
+    pub crypto_ext: Option<(u64, u64)>,
     /// Unknown extensions, in file order.
     pub unknown_exts: Vec<RawExtension>,
     /// Backing file name.
@@ -259,6 +265,7 @@ impl Header {
             feature_names: Vec::new(),
             bitmaps: None,
             has_crypto_ext: false,
+            crypto_ext: None,
             unknown_exts: Vec::new(),
             backing_file: None,
         };
@@ -327,10 +334,9 @@ impl Header {
                 "Reference count entry width too large; may not exceed 64 bits",
             ));
         }
-        if h.crypt_method != 0 {
-            return Err(Error::unsupported(format!(
-                "{}: encrypted qcow2 images are not supported (crypt method {})",
-                file.display(),
+        if h.crypt_method > CRYPT_LUKS {
+            return Err(Error::invalid_image(format!(
+                "Unsupported encryption method {}",
                 h.crypt_method
             )));
         }
@@ -447,6 +453,9 @@ impl Header {
                 }
                 EXT_CRYPTO => {
                     self.has_crypto_ext = true;
+                    if data.len() >= 16 {
+                        self.crypto_ext = Some((be64(&data, 0), be64(&data, 8)));
+                    }
                     self.unknown_exts.push(RawExtension { kind, data });
                 }
                 EXT_BITMAPS => {

@@ -14,6 +14,7 @@ mod check;
 pub mod compress;
 pub mod create;
 pub mod header;
+mod luks;
 mod resize;
 pub mod snapshot;
 mod status;
@@ -88,6 +89,8 @@ pub struct Qcow2 {
     pub(crate) data_file_name: Option<String>,
     /// The external data file as opened (the name `map` prints).
     data_file_path: Option<String>,
+    /// What `info` shows of the encryption (an image opened without I/O only).
+    encrypt: Option<Obj>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -120,6 +123,23 @@ impl Qcow2 {
             Header::read_unstamped(&file)?
         } else {
             Header::read_mode(&file, check_mode)?
+        };
+        if hdr.crypt_method != 0 && !ctx.opts.no_io {
+            // diskit does not decrypt: it fails as qemu-img does when not given the key (a
+            // `--object secret`); `info` (no I/O) still shows the image
+            return Err(Error::invalid_arg(
+                "Parameter 'encrypt.key-secret' is required for cipher",
+            ));
+        }
+        let encrypt = match hdr.crypt_method {
+            0 => None,
+            header::CRYPT_AES => Some(Obj::new().with("format", "aes")),
+            _ => {
+                let at = hdr.crypto_ext.ok_or_else(|| {
+                    Error::invalid_image("Missing FDE header extension for LUKS encryption")
+                })?;
+                Some(luks::info(&file, at)?)
+            }
         };
         let writable = ctx.opts.write;
         if hdr.incompatible & header::INCOMPAT_CORRUPT != 0 && writable && !check_mode {
@@ -197,6 +217,7 @@ impl Qcow2 {
             file,
             data_file,
             data_file_path,
+            encrypt,
             filename: filename.to_string(),
             backing,
             snapshots,
@@ -539,10 +560,14 @@ impl Qcow2 {
         let m = self.meta.lock().unwrap();
         let h = &self.hdr;
         if h.version == 2 {
-            return Ok(Obj::new()
+            let mut o = Obj::new()
                 .with("compat", "0.10")
                 .with("compression-type", h.compression.name())
-                .with("refcount-bits", 1u64 << h.refcount_order));
+                .with("refcount-bits", 1u64 << h.refcount_order);
+            if let Some(e) = &self.encrypt {
+                o.push("encrypt", Json::Obj(e.clone()));
+            }
+            return Ok(o);
         }
         let mut o = Obj::new().with("compat", "1.1");
         if let Some(df) = &self.data_file_name {
@@ -562,6 +587,9 @@ impl Qcow2 {
         o.push("corrupt", m.incompat & header::INCOMPAT_CORRUPT != 0);
         o.push("refcount-bits", 1u64 << h.refcount_order);
         o.push("compression-type", h.compression.name());
+        if let Some(e) = &self.encrypt {
+            o.push("encrypt", Json::Obj(e.clone()));
+        }
         if !self.bitmaps.is_empty() {
             let list: Vec<Json> = self
                 .bitmaps
@@ -736,6 +764,9 @@ impl BlockDriver for Qcow2 {
             info.dirty_flag = m.incompat & header::INCOMPAT_DIRTY != 0;
         }
         info.actual_size = Some(self.file.allocated_size()?);
+        if self.hdr.crypt_method != 0 {
+            info.encrypted = Some(true);
+        }
         if let Some(b) = &self.hdr.backing_file {
             info.backing_filename = Some(b.clone());
             info.full_backing_filename =
