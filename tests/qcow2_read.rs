@@ -306,9 +306,25 @@ fn hostile_headers_are_refused() {
     patch(&p, 4, &4u32.to_be_bytes());
     assert!(open_err(&p).contains("Unsupported qcow2 version 4"));
 
+    // encryption: diskit has no key to give, as qemu-img without --object secret
     let p = mk("enc.qcow2");
     patch(&p, 32, &1u32.to_be_bytes());
-    assert!(open_err(&p).contains("encrypted"));
+    let e = open_err(&p);
+    assert!(
+        e.contains("Parameter 'encrypt.key-secret' is required for cipher"),
+        "{e}"
+    );
+    let p = mk("luks.qcow2");
+    patch(&p, 32, &2u32.to_be_bytes());
+    let e = open_err(&p);
+    assert!(
+        e.contains("Missing CRYPTO header for crypt method 2"),
+        "{e}"
+    );
+    let p = mk("enc3.qcow2");
+    patch(&p, 32, &3u32.to_be_bytes());
+    let e = open_err(&p);
+    assert!(e.contains("Unsupported encryption method 3"), "{e}");
 
     // L2 table pointer that is not cluster aligned: read fails cleanly
     let p = mk("l2.qcow2");

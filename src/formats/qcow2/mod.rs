@@ -124,6 +124,11 @@ impl Qcow2 {
         } else {
             Header::read_mode(&file, check_mode)?
         };
+        if hdr.crypt_method == header::CRYPT_LUKS && hdr.crypto_ext.is_none() {
+            return Err(Error::invalid_image(
+                "Missing CRYPTO header for crypt method 2",
+            ));
+        }
         if hdr.crypt_method != 0 && !ctx.opts.no_io {
             // diskit does not decrypt: it fails as qemu-img does when not given the key (a
             // `--object secret`); `info` (no I/O) still shows the image
@@ -134,12 +139,10 @@ impl Qcow2 {
         let encrypt = match hdr.crypt_method {
             0 => None,
             header::CRYPT_AES => Some(Obj::new().with("format", "aes")),
-            _ => {
-                let at = hdr.crypto_ext.ok_or_else(|| {
-                    Error::invalid_image("Missing FDE header extension for LUKS encryption")
-                })?;
-                Some(luks::info(&file, at)?)
-            }
+            _ => match hdr.crypto_ext {
+                Some(at) => Some(luks::info(&file, at)?),
+                None => None,
+            },
         };
         let writable = ctx.opts.write;
         if hdr.incompatible & header::INCOMPAT_CORRUPT != 0 && writable && !check_mode {
