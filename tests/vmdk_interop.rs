@@ -937,3 +937,34 @@ fn map_matches_qemu_for_every_subformat() {
         same_as_qemu(d, &["map", &indirect]);
     }
 }
+
+/// Flat extents are made as qemu-img makes a raw file: sized, with their first block
+/// written, so that `info` (disk size) and `map` agree with an image qemu-img created.
+#[test]
+fn created_flat_extents_allocate_like_qemu() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    for (opts, size) in [
+        ("subformat=monolithicFlat", "5M"),
+        ("subformat=monolithicFlat", "1k"),
+        ("subformat=twoGbMaxExtentFlat", "3G"),
+    ] {
+        ok(qemu_img(
+            d,
+            &["create", "-q", "-f", "vmdk", "-o", opts, "q.vmdk", size],
+        ));
+        ok(diskit(
+            d,
+            &["create", "-q", "-f", "vmdk", "-o", opts, "d.vmdk", size],
+        ));
+        let q = stdout(&ok(qemu_img(d, &["map", "--output=json", "q.vmdk"])));
+        let m = stdout(&ok(qemu_img(d, &["map", "--output=json", "d.vmdk"])));
+        assert_eq!(m, q, "{opts} {size}: map differs");
+        let info = |name: &str| {
+            let j = json(&ok(qemu_img(d, &["info", "--output=json", name])));
+            j["actual-size"].as_u64().unwrap()
+        };
+        assert_eq!(info("d.vmdk"), info("q.vmdk"), "{opts} {size}: disk size");
+    }
+}

@@ -472,7 +472,13 @@ pub fn create(filename: &str, opts: &CreateOpts) -> Result<()> {
                 };
                 let f = create_file(&name)?;
                 if sub.flat() {
-                    f.set_len(cur)?;
+                    // sized as qemu-img makes a raw file: its first block written
+                    crate::formats::raw::preallocate(
+                        &f,
+                        0,
+                        cur,
+                        crate::formats::raw::Prealloc::Off,
+                    )?;
                 } else {
                     let head = write_sparse_extent(&f, cur, zeroed_grain)?;
                     f.sync()?;
