@@ -190,3 +190,22 @@ fn map_and_compare_raw_match_qemu_img() {
         same_as_qemu(d, args);
     }
 }
+
+/// An option given twice takes its last value, as with qemu-img's getopt (clap would refuse).
+#[test]
+fn repeated_options_take_the_last_value() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"],
+    ));
+    same_as_qemu(d, &["info", "-f", "raw", "-f", "qcow2", "a.qcow2"]);
+    same_as_qemu(d, &["info", "--output=json", "--output=human", "a.qcow2"]);
+    same_as_qemu(
+        d,
+        &["convert", "-O", "raw", "-O", "qcow2", "a.qcow2", "b.qcow2"],
+    );
+    same_as_qemu(d, &["info", "b.qcow2"]);
+}

@@ -9,7 +9,12 @@ use super::CliError;
 pub fn parse<T: Parser>(verb: &'static str, args: &[String]) -> Result<T, CliError> {
     let mut full = vec![format!("{} {verb}", super::prog())];
     full.extend(args.iter().cloned());
-    T::try_parse_from(full).map_err(|e| {
+    // getopt semantics: an option given twice takes its last value
+    let cmd = T::command().args_override_self(true);
+    let parsed = cmd
+        .try_get_matches_from(full)
+        .and_then(|m| T::from_arg_matches(&m));
+    parsed.map_err(|e| {
         let arg = match e.get(ContextKind::InvalidArg) {
             Some(ContextValue::String(s)) => s.clone(),
             _ => String::new(),
