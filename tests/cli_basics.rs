@@ -209,3 +209,49 @@ fn repeated_options_take_the_last_value() {
     );
     same_as_qemu(d, &["info", "b.qcow2"]);
 }
+
+/// `--image-opts` on the verbs that read one or two images: the specification names the file
+/// and the driver; output, errors and exit codes as qemu-img's.
+#[test]
+fn image_opts_on_reading_verbs_match_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
+    ));
+    ok(qemu_io(d, "qcow2", "a.qcow2", &["write -P 1 0 64k"]));
+    ok(qemu_img(d, &["create", "-q", "-f", "raw", "r.raw", "4M"]));
+    let q = "driver=qcow2,file.filename=a.qcow2";
+    for args in [
+        vec!["info", "--image-opts", q],
+        vec![
+            "info",
+            "--output=json",
+            "--image-opts",
+            "file.filename=a.qcow2",
+        ],
+        vec!["info", "-f", "qcow2", "--image-opts", q],
+        vec![
+            "info",
+            "--image-opts",
+            "driver=qcow2,file.filename=nonexist",
+        ],
+        vec!["info", "--image-opts", "driver=raw,file.filename=a.qcow2"],
+        vec!["check", "--image-opts", q],
+        vec!["check", "--output=json", "--image-opts", q],
+        vec!["map", "--output=json", "--image-opts", q],
+        vec!["measure", "-O", "qcow2", "--image-opts", q],
+        vec![
+            "compare",
+            "--image-opts",
+            q,
+            "driver=raw,file.filename=r.raw",
+        ],
+        vec!["compare", "--image-opts", "file.filename=nonexist", q],
+        vec!["compare", "-f", "qcow2", "--image-opts", q, q],
+    ] {
+        same_as_qemu(d, &args);
+    }
+}

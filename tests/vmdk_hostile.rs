@@ -140,8 +140,12 @@ fn hostile_huge_text_descriptor() {
         text.push_str("# padding padding padding padding padding padding padding\n");
     }
     std::fs::write(&img, text).unwrap();
+    // read up to 1 MiB, as QEMU reads a descriptor file: the extents are not in that part
     let m = open_err(&img);
-    assert!(m.contains("too large"), "{m}");
+    assert!(
+        m.contains("lists no extents (in its first 1048575 bytes"),
+        "{m}"
+    );
 }
 
 #[test]

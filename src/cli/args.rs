@@ -9,8 +9,9 @@ use super::CliError;
 pub fn parse<T: Parser>(verb: &'static str, args: &[String]) -> Result<T, CliError> {
     let mut full = vec![format!("{} {verb}", super::prog())];
     full.extend(args.iter().cloned());
-    // getopt semantics: an option given twice takes its last value
-    let cmd = T::command().args_override_self(true);
+    // getopt semantics: an option given twice takes its last value; a long option may be
+    // abbreviated to any unambiguous prefix
+    let cmd = T::command().args_override_self(true).infer_long_args(true);
     let parsed = cmd
         .try_get_matches_from(full)
         .and_then(|m| T::from_arg_matches(&m));

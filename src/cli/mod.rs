@@ -48,7 +48,7 @@ impl From<Error> for CliError {
     }
 }
 
-fn print_error(e: &CliError) -> i32 {
+pub(super) fn print_error(e: &CliError) -> i32 {
     let p = prog();
     match e {
         CliError::Msg(m) => {

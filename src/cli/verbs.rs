@@ -87,6 +87,61 @@ pub(super) fn open_format(name: &Option<String>, file: &str) -> Result<Option<Fo
     }
 }
 
+/// `--image-opts`: each image specification in `files` becomes the file it names and
+/// `format` the format it names (probed when none), `force_share` takes its `force-share`.
+/// Returns the (file, specification) pairs, to word open errors as qemu-img does.
+fn image_specs(
+    on: bool,
+    format: &mut Option<String>,
+    force_share: &mut bool,
+    files: &mut [String],
+) -> Result<Vec<(String, String)>, CliError> {
+    let mut specs = Vec::new();
+    if !on {
+        return Ok(specs);
+    }
+    if format.is_some() {
+        return Err(CliError::Msg(
+            "--image-opts and --format are mutually exclusive".into(),
+        ));
+    }
+    let share = *force_share;
+    for f in files.iter_mut() {
+        let sp = imgopts::parse(f, share)?;
+        *force_share |= sp.force_share;
+        *format = sp.format.map(|x| x.name().to_string());
+        let spec = std::mem::replace(f, sp.filename.clone());
+        specs.push((sp.filename, spec));
+    }
+    Ok(specs)
+}
+
+/// [`image_specs`] for a verb with the common `-f`/`-U` options.
+fn common_specs(
+    on: bool,
+    common: &mut args::Common,
+    files: &mut [String],
+) -> Result<Vec<(String, String)>, CliError> {
+    image_specs(on, &mut common.format, &mut common.force_share, files)
+}
+
+/// Words an open error about a file given by specification as qemu-img does.
+fn reword_specs(specs: &[(String, String)], r: VerbResult) -> VerbResult {
+    let re = |m: &str| {
+        specs
+            .iter()
+            .find_map(|(file, spec)| imgopts::reword(m, file, spec))
+    };
+    r.map_err(|e| match e {
+        CliError::Lib(e) => match re(e.message()) {
+            Some(m) => CliError::Lib(e.with_message(m)),
+            None => CliError::Lib(e),
+        },
+        CliError::Msg(m) => CliError::Msg(re(&m).unwrap_or(m)),
+        other => other,
+    })
+}
+
 fn parse_output(output: &Option<String>, verb: &'static str) -> Result<bool, CliError> {
     match output.as_deref() {
         None | Some("human") => Ok(false),
@@ -99,7 +154,12 @@ fn parse_output(output: &Option<String>, verb: &'static str) -> Result<bool, Cli
 }
 
 fn info(argv: &[String]) -> VerbResult {
-    let a: InfoArgs = args::parse("info", argv)?;
+    let mut a: InfoArgs = args::parse("info", argv)?;
+    let specs = common_specs(a.image_opts, &mut a.common, &mut a.files)?;
+    reword_specs(&specs, info_with(a))
+}
+
+fn info_with(a: InfoArgs) -> VerbResult {
     if a.files.len() != 1 {
         return Err(CliError::Usage(
             "Expecting one image file name".into(),
@@ -536,7 +596,12 @@ fn convert(argv: &[String]) -> VerbResult {
 }
 
 fn map(argv: &[String]) -> VerbResult {
-    let a: MapArgs = args::parse("map", argv)?;
+    let mut a: MapArgs = args::parse("map", argv)?;
+    let specs = common_specs(a.image_opts, &mut a.common, &mut a.files)?;
+    reword_specs(&specs, map_with(a))
+}
+
+fn map_with(a: MapArgs) -> VerbResult {
     let start = a
         .start_offset
         .as_deref()
@@ -651,13 +716,30 @@ fn hex(v: u64) -> String {
 }
 
 fn compare(argv: &[String]) -> VerbResult {
-    let a: CompareArgs = args::parse("compare", argv)?;
+    let mut a: CompareArgs = args::parse("compare", argv)?;
     if a.files.len() != 2 {
         return Err(CliError::Usage(
             "Expecting two image file names".into(),
             "compare",
         ));
     }
+    let (first, second) = a.files.split_at_mut(1);
+    let specs = image_specs(a.image_opts, &mut a.format1, &mut a.force_share, first)
+        .and_then(|mut s| {
+            s.extend(image_specs(
+                a.image_opts,
+                &mut a.format2,
+                &mut a.force_share,
+                second,
+            )?);
+            Ok(s)
+        })
+        // compare's errors exit with 2
+        .map_err(|e| CliError::Exit(super::print_error(&e).max(2)))?;
+    reword_specs(&specs, compare_with(a, &specs))
+}
+
+fn compare_with(a: CompareArgs, specs: &[(String, String)]) -> VerbResult {
     let open =
         |file: &str, fmt: &Option<String>| -> Result<Box<dyn crate::BlockDriver>, CliError> {
             let opts = crate::OpenOptions {
@@ -666,7 +748,12 @@ fn compare(argv: &[String]) -> VerbResult {
                 ..Default::default()
             };
             crate::formats::open(file, &opts).map_err(|e| {
-                eprintln!("{}: {}", prog(), e.message());
+                let m = e.message();
+                let m = specs
+                    .iter()
+                    .find_map(|(f, spec)| imgopts::reword(m, f, spec))
+                    .unwrap_or_else(|| m.to_string());
+                eprintln!("{}: {m}", prog());
                 CliError::Exit(2)
             })
         };
@@ -827,7 +914,14 @@ fn dd(argv: &[String]) -> VerbResult {
 }
 
 fn check(argv: &[String]) -> VerbResult {
-    let a: CheckArgs = args::parse("check", argv)?;
+    let mut a: CheckArgs = args::parse("check", argv)?;
+    let specs = common_specs(a.image_opts, &mut a.common, &mut a.files)?;
+    // the JSON names the image as given (the specification)
+    let shown = specs.first().map(|(_, spec)| spec.clone());
+    reword_specs(&specs, check_with(a, shown))
+}
+
+fn check_with(a: CheckArgs, shown: Option<String>) -> VerbResult {
     let repair = match a.repair.as_deref() {
         None => None,
         Some("leaks") => Some(crate::formats::RepairMode::Leaks),
@@ -876,7 +970,7 @@ fn check(argv: &[String]) -> VerbResult {
         use crate::qjson::Obj;
         let nz = |v: u64| if v != 0 { Some(v) } else { None };
         let mut o = Obj::new()
-            .with("filename", file.as_str())
+            .with("filename", shown.as_deref().unwrap_or(file))
             .with("format", out.format.name())
             .with("check-errors", r.check_errors)
             .with_opt("image-end-offset", nz(r.image_end_offset))
@@ -956,7 +1050,12 @@ fn check(argv: &[String]) -> VerbResult {
 }
 
 fn measure(argv: &[String]) -> VerbResult {
-    let a: MeasureArgs = args::parse("measure", argv)?;
+    let mut a: MeasureArgs = args::parse("measure", argv)?;
+    let specs = common_specs(a.image_opts, &mut a.common, &mut a.files)?;
+    reword_specs(&specs, measure_with(a))
+}
+
+fn measure_with(a: MeasureArgs) -> VerbResult {
     let snapshot = a.snapshot.as_deref().map(snapshot_param).transpose()?;
     let json = parse_output(&a.common.output, "measure")?;
     if a.files.len() > 1 {

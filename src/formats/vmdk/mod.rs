@@ -267,7 +267,9 @@ impl VmdkDriver {
                     h.desc_size.saturating_mul(SECTOR),
                 )
             } else {
-                (0, len)
+                // a descriptor file is read up to 1 MiB, as QEMU reads it (a larger file is
+                // then not a descriptor: createType is missing from what was read)
+                (0, len.min(MAX_DESC_SIZE - 1))
             };
             if max > MAX_DESC_SIZE {
                 return Err(Error::invalid_image(format!(
@@ -300,7 +302,14 @@ impl VmdkDriver {
                 extents.push(ext);
             }
             if extents.is_empty() {
-                return Err(Error::invalid_image("the descriptor lists no extents"));
+                let read = if !desc_only && len > max {
+                    format!(" (in its first {max} bytes, all that is read of a descriptor)")
+                } else {
+                    String::new()
+                };
+                return Err(Error::invalid_image(format!(
+                    "the descriptor lists no extents{read}"
+                )));
             }
         }
         let size = extents.last().map(|e| e.start + e.len).unwrap_or(0);
