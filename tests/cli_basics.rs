@@ -208,6 +208,10 @@ fn repeated_options_take_the_last_value() {
         &["convert", "-O", "raw", "-O", "qcow2", "a.qcow2", "b.qcow2"],
     );
     same_as_qemu(d, &["info", "b.qcow2"]);
+    // long options abbreviated to an unambiguous prefix, as getopt_long takes them
+    same_as_qemu(d, &["info", "--out=json", "--backing", "a.qcow2"]);
+    same_as_qemu(d, &["check", "--out", "json", "a.qcow2"]);
+    same_as_qemu(d, &["map", "--start=64k", "--max-len=1k", "a.qcow2"]);
 }
 
 /// `--image-opts` on the verbs that read one or two images: the specification names the file
@@ -253,5 +257,38 @@ fn image_opts_on_reading_verbs_match_qemu_img() {
         vec!["compare", "-f", "qcow2", "--image-opts", q, q],
     ] {
         same_as_qemu(d, &args);
+    }
+}
+
+/// `--image-opts` on the verbs that change an image: same output and same result.
+#[test]
+fn image_opts_on_writing_verbs_match_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
+    ));
+    ok(qemu_io(d, "qcow2", "a.qcow2", &["write -P 1 0 64k"]));
+    ok(qemu_img(d, &["snapshot", "-c", "s1", "a.qcow2"]));
+    let ov = [
+        "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "o.qcow2",
+    ];
+    ok(qemu_img(d, &ov));
+    ok(qemu_io(d, "qcow2", "o.qcow2", &["write -P 2 32k 64k"]));
+    let a = "driver=qcow2,file.filename=a.qcow2";
+    let o = "driver=qcow2,file.filename=o.qcow2";
+    let files = ["a.qcow2", "o.qcow2"];
+    for args in [
+        vec!["snapshot", "-l", "--image-opts", a],
+        vec!["snapshot", "-c", "s2", "--image-opts", a],
+        vec!["snapshot", "-l", "-f", "qcow2", "--image-opts", a],
+        vec!["resize", "--image-opts", a, "8M"],
+        vec!["amend", "-o", "lazy_refcounts=on", "--image-opts", a],
+        vec!["rebase", "-u", "-b", "", "--image-opts", o],
+        vec!["commit", "--image-opts", o],
+    ] {
+        same_effect_as_qemu(d, &files, &args);
     }
 }

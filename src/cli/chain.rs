@@ -102,7 +102,8 @@ pub fn commit(argv: &[String]) -> VerbResult {
         l("object", true, "object"),
         l("image-opts", false, "image-opts"),
     ];
-    let (opts, files) = getopt("commit", argv, &spec)?;
+    let (opts, mut files) = getopt("commit", argv, &spec)?;
+    let image_opts = opts.iter().any(|(k, _)| *k == "image-opts");
     let mut format = None;
     let mut cache = "writeback".to_string();
     let mut base = None;
@@ -135,6 +136,7 @@ pub fn commit(argv: &[String]) -> VerbResult {
             "commit",
         ));
     }
+    super::verbs::image_specs(image_opts, &mut format, &mut false, &mut files)?;
     let file = &files[0];
     if !valid_cache(&cache) {
         return Err(CliError::Msg(format!("Invalid cache option: {cache}")));
@@ -175,7 +177,8 @@ pub fn rebase(argv: &[String]) -> VerbResult {
         l("object", true, "object"),
         l("image-opts", false, "image-opts"),
     ];
-    let (opts, files) = getopt("rebase", argv, &spec)?;
+    let (opts, mut files) = getopt("rebase", argv, &spec)?;
+    let image_opts = opts.iter().any(|(k, _)| *k == "image-opts");
     let mut o = ops::rebase::RebaseOptions::default();
     let mut format = None;
     let mut cache = "writeback".to_string();
@@ -213,6 +216,7 @@ pub fn rebase(argv: &[String]) -> VerbResult {
             "rebase",
         ));
     }
+    super::verbs::image_specs(image_opts, &mut format, &mut o.force_share, &mut files)?;
     let file = &files[0];
     let bar = Progress::new(progress && !quiet, false, 2.0);
     bar.report(0, 1);

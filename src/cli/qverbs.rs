@@ -194,7 +194,8 @@ pub fn snapshot(argv: &[String]) -> VerbResult {
         l("object", true, "object"),
         l("image-opts", false, "image-opts"),
     ];
-    let (opts, files) = getopt("snapshot", argv, &spec)?;
+    let (opts, mut files) = getopt("snapshot", argv, &spec)?;
+    let image_opts = opts.iter().any(|(k, _)| *k == "image-opts");
     let mut action: Option<A> = None;
     let mut format = None;
     let mut force_share = false;
@@ -240,6 +241,7 @@ pub fn snapshot(argv: &[String]) -> VerbResult {
             "snapshot",
         ));
     }
+    super::verbs::image_specs(image_opts, &mut format, &mut force_share, &mut files)?;
     let file = &files[0];
     let action = action.unwrap_or(A::List);
     let opts = ops::snapshot::SnapshotOptions {
@@ -284,7 +286,8 @@ pub fn amend(argv: &[String]) -> VerbResult {
         l("image-opts", false, "image-opts"),
         l("force", false, "force"),
     ];
-    let (opts, files) = getopt("amend", argv, &spec)?;
+    let (opts, mut files) = getopt("amend", argv, &spec)?;
+    let image_opts = opts.iter().any(|(k, _)| *k == "image-opts");
     let mut options: Option<crate::formats::CreateOpts> = None;
     let mut format = None;
     let mut force = false;
@@ -314,6 +317,7 @@ pub fn amend(argv: &[String]) -> VerbResult {
     if files.len() != 1 {
         return Err(CliError::Msg("Expecting one image file name".into()));
     }
+    super::verbs::image_specs(image_opts, &mut format, &mut false, &mut files)?;
     let file = &files[0];
     let format = format_arg(format.as_deref(), file)?;
     if options.wants_help() {

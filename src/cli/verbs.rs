@@ -90,7 +90,7 @@ pub(super) fn open_format(name: &Option<String>, file: &str) -> Result<Option<Fo
 /// `--image-opts`: each image specification in `files` becomes the file it names and
 /// `format` the format it names (probed when none), `force_share` takes its `force-share`.
 /// Returns the (file, specification) pairs, to word open errors as qemu-img does.
-fn image_specs(
+pub(super) fn image_specs(
     on: bool,
     format: &mut Option<String>,
     force_share: &mut bool,
@@ -814,7 +814,8 @@ fn resize(argv: &[String]) -> VerbResult {
     let Some((size, rest)) = argv.split_last() else {
         return Err(expecting());
     };
-    let a: ResizeArgs = args::parse("resize", rest)?;
+    let mut a: ResizeArgs = args::parse("resize", rest)?;
+    image_specs(a.image_opts, &mut a.format, &mut false, &mut a.files)?;
     if let Some(p) = &a.preallocation {
         if !["off", "metadata", "falloc", "full"].contains(&p.as_str()) {
             return Err(CliError::Msg(format!("Invalid preallocation mode '{p}'")));
