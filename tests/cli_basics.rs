@@ -255,9 +255,24 @@ fn image_opts_on_reading_verbs_match_qemu_img() {
         ],
         vec!["compare", "--image-opts", "file.filename=nonexist", q],
         vec!["compare", "-f", "qcow2", "--image-opts", q, q],
+        vec![
+            "dd",
+            "-f",
+            "qcow2",
+            "--image-opts",
+            "if=file.filename=a.qcow2",
+            "of=x",
+        ],
     ] {
         same_as_qemu(d, &args);
     }
+    // dd reads the image the specification names
+    let iff = format!("if={q}");
+    ok(diskit(
+        d,
+        &["dd", "--image-opts", &iff, "of=x.raw", "bs=64k"],
+    ));
+    assert!(std::fs::read(d.join("x.raw")).unwrap() == qemu_raw(d, "a.qcow2", None));
 }
 
 /// `--image-opts` on the verbs that change an image: same output and same result.

@@ -891,7 +891,12 @@ fn dd(argv: &[String]) -> VerbResult {
             "Must specify both input and output files".into(),
         ));
     }
-    o.input_format = open_format(&a.format, &o.input)?;
+    let mut format = a.format.clone();
+    let mut input = [std::mem::take(&mut o.input)];
+    image_specs(a.image_opts, &mut format, &mut o.force_share, &mut input)?;
+    let [input] = input;
+    o.input = input;
+    o.input_format = open_format(&format, &o.input)?;
     // the input is opened before the output format is looked at
     if let Some(f) = &a.output_format {
         if Format::from_name(f).is_err() {
