@@ -125,13 +125,17 @@ fn common_specs(
     image_specs(on, &mut common.format, &mut common.force_share, files)
 }
 
+/// An open error message about a file given by specification, as qemu-img words it (`None`
+/// when it is not about such a file).
+fn reworded(specs: &[(String, String)], m: &str) -> Option<String> {
+    specs
+        .iter()
+        .find_map(|(file, spec)| imgopts::reword(m, file, spec))
+}
+
 /// Words an open error about a file given by specification as qemu-img does.
 fn reword_specs(specs: &[(String, String)], r: VerbResult) -> VerbResult {
-    let re = |m: &str| {
-        specs
-            .iter()
-            .find_map(|(file, spec)| imgopts::reword(m, file, spec))
-    };
+    let re = |m: &str| reworded(specs, m);
     r.map_err(|e| match e {
         CliError::Lib(e) => match re(e.message()) {
             Some(m) => CliError::Lib(e.with_message(m)),
@@ -583,14 +587,9 @@ fn convert(argv: &[String]) -> VerbResult {
     let cb = |d: u64, t: u64| progress.report(d, t);
     let r = ops::convert::convert(&o, Some(&cb));
     progress.finish();
-    r.map_err(|e| {
-        let reworded = specs
-            .iter()
-            .find_map(|(file, spec)| imgopts::reword(e.message(), file, spec));
-        match reworded {
-            Some(m) => e.with_message(m),
-            None => e,
-        }
+    r.map_err(|e| match reworded(&specs, e.message()) {
+        Some(m) => e.with_message(m),
+        None => e,
     })?;
     Ok(0)
 }
@@ -748,11 +747,7 @@ fn compare_with(a: CompareArgs, specs: &[(String, String)]) -> VerbResult {
                 ..Default::default()
             };
             crate::formats::open(file, &opts).map_err(|e| {
-                let m = e.message();
-                let m = specs
-                    .iter()
-                    .find_map(|(f, spec)| imgopts::reword(m, f, spec))
-                    .unwrap_or_else(|| m.to_string());
+                let m = reworded(specs, e.message()).unwrap_or_else(|| e.message().to_string());
                 eprintln!("{}: {m}", prog());
                 CliError::Exit(2)
             })
