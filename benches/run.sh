@@ -4,6 +4,7 @@
 #   BENCH_SIZE=512M bash benches/run.sh        # a quick run (default size 4G)
 #
 # Environment (see benches/bench.py for all): BENCH_SIZE, BENCH_FRAG_SIZE, BENCH_RUNS (4),
+# BENCH_FAST_RUNS (12, for scenarios under 30 s a round),
 # BENCH_DIR (reuse inputs), BENCH_KEEP=1, BENCH_ONLY='raw->qcow2,qcow2->raw', BENCH_VERIFY=0.
 # Needs qemu-img, qemu-io (qemu-utils), python3 and coreutils; nothing else.
 set -euo pipefail
