@@ -604,42 +604,96 @@ impl Qcow2 {
     }
 
     /// Allocates `n` contiguous free clusters (refcount 1); returns the host offset.
+    ///
+    /// A range of clusters without a refcount block is free throughout. The blocks such
+    /// ranges need are placed right in front of the run (`k` clusters, then the `n` asked
+    /// for), so that a run may be longer than one block describes: placing each block at the
+    /// start of its own range would leave no free run longer than a range.
     pub(crate) fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
         let rbe = self.rb_entries();
         let mut start = m.free_hint.max(1);
         // The first free cluster the scan passes over (too short a run for `n`).
         let mut first_free: Option<u64> = None;
         'outer: loop {
-            if (start + n) << self.cluster_bits > header::MAX_CLUSTER_OFFSET {
-                return Err(Error::new(
-                    ErrorKind::NoSpace,
-                    format!("{}: no free cluster left in the image", self.filename),
-                ));
+            // k: the new refcount blocks the ranges of start..start+k+n lack
+            let mut k = 0u64;
+            loop {
+                let end = start + k + n;
+                if end << self.cluster_bits > header::MAX_CLUSTER_OFFSET {
+                    return Err(Error::new(
+                        ErrorKind::NoSpace,
+                        format!("{}: no free cluster left in the image", self.filename),
+                    ));
+                }
+                let mut missing = 0u64;
+                for r in start / rbe..=(end - 1) / rbe {
+                    if self.rb_offset(m, r)?.is_none() {
+                        missing += 1;
+                    }
+                }
+                if missing <= k {
+                    break;
+                }
+                k = missing;
             }
-            for i in 0..n {
-                let c = start + i;
+            let end = start + k + n;
+            let mut c = start;
+            while c < end {
                 let r = c / rbe;
-                if self.rb_offset(m, r)?.is_none() {
-                    self.ensure_refblock(m, r)?;
+                if self.rb_offset(m, r)?.is_none() && !self.is_reserved(m, c) {
+                    // the whole rest of the range is free
+                    c = ((r + 1) * rbe).min(end);
+                    continue;
                 }
                 if self.refcount(m, c)? != 0 || self.is_reserved(m, c) {
-                    if i > 0 && first_free.is_none() {
+                    if c > start && first_free.is_none() {
                         first_free = Some(start);
                     }
                     start = c + 1;
                     continue 'outer;
                 }
+                c += 1;
             }
-            break;
+            let last_range = (end - 1) / rbe;
+            if last_range >= m.rt.len() as u64 {
+                // the table moves to the end of the file: search again
+                self.grow_reftable(m, last_range + 1)?;
+                continue 'outer;
+            }
+            let mut missing = Vec::new();
+            for r in start / rbe..=last_range {
+                if self.rb_offset(m, r)?.is_none() {
+                    missing.push(r);
+                }
+            }
+            // New blocks first (each counting the clusters of start..end in its range), on
+            // disk before the table points at them.
+            for (j, &r) in missing.iter().enumerate() {
+                let mut data = vec![0u8; self.cs as usize];
+                for c in (r * rbe).max(start)..((r + 1) * rbe).min(end) {
+                    self.rb_write(&mut data, c - r * rbe, 1);
+                }
+                self.meta_write(m, &data, (start + j as u64) << self.cluster_bits)?;
+            }
+            if !missing.is_empty() {
+                self.file.sync()?;
+            }
+            for (j, &r) in missing.iter().enumerate() {
+                let off = (start + j as u64) << self.cluster_bits;
+                m.rt[r as usize] = off;
+                self.meta_write(m, &off.to_be_bytes(), m.rt_offset + r * 8)?;
+            }
+            for c in start..end {
+                if !missing.contains(&(c / rbe)) {
+                    self.update_refcount(m, c, 1)?;
+                }
+            }
+            // Everything from the old hint to `start` is taken, but for runs too short for
+            // this request: the next search starts at the first of those.
+            m.free_hint = first_free.unwrap_or(end);
+            m.end = m.end.max(end);
+            return Ok((start + k) << self.cluster_bits);
         }
-        for i in 0..n {
-            self.update_refcount(m, start + i, 1)?;
-        }
-        // Everything from the old hint to `start` is taken, but for runs too short for
-        // this request: the next search starts at the first of those.
-        m.free_hint = first_free.unwrap_or(start + n);
-        m.end = m.end.max(start + n);
-        Ok(start << self.cluster_bits)
     }
 
     /// Allocates exactly clusters `start..start+n` if they are all free (refcount 1 each);
