@@ -121,6 +121,53 @@ fn qcow2_grow_over_backing_reads_zero() {
     }
 }
 
+/// Growing with preallocation from a size inside a cluster over a backing file (qemu's
+/// iotest 125): the part of that cluster below the old size keeps the backing file's data
+/// (diskit used to preallocate it as zeroes, losing it), the rest reads as zero, and the
+/// allocation map is qemu-img's.
+#[test]
+fn qcow2_preallocated_growth_keeps_the_partial_cluster() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "raw", "base.raw", "128k"],
+    ));
+    ok(qemu_io(d, "raw", "base.raw", &["write -P 1 0 128k"]));
+    for opts in ["cluster_size=64k", "cluster_size=64k,extended_l2=on"] {
+        for old in ["31k", "33k"] {
+            for mode in ["metadata", "falloc", "full"] {
+                ok(qemu_img(
+                    d,
+                    &[
+                        "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", "-o", opts,
+                        "ov.qcow2", old,
+                    ],
+                ));
+                let pre = format!("--preallocation={mode}");
+                let (qd, dk) = same_effect_as_qemu(
+                    d,
+                    &["base.raw", "ov.qcow2"],
+                    &["resize", "-f", "qcow2", &pre, "ov.qcow2", "96k"],
+                );
+                let what = format!("{opts} {old} {mode}");
+                check_clean(&dk, "ov.qcow2");
+                let kib: usize = old.trim_end_matches('k').parse().unwrap();
+                let raw = qemu_raw(&dk, "ov.qcow2", None);
+                assert_eq!(raw.len(), 96 << 10, "{what}");
+                assert!(raw[..kib << 10].iter().all(|&b| b == 1), "{what}");
+                assert!(raw[kib << 10..].iter().all(|&b| b == 0), "{what}");
+                let map =
+                    |dir: &Path| stdout(&ok(qemu_img(dir, &["map", "--output=json", "ov.qcow2"])));
+                assert_eq!(map(&dk), map(&qd), "{what}");
+                let len = |dir: &Path| std::fs::metadata(dir.join("ov.qcow2")).unwrap().len();
+                assert_eq!(len(&dk), len(&qd), "{what}");
+            }
+        }
+    }
+}
+
 #[test]
 fn qcow2_shrink_with_snapshot() {
     require_qemu!();

@@ -254,6 +254,8 @@ impl Qcow2 {
         if new == old {
             return Ok(());
         }
+        let mut fresh = Vec::new();
+        let whole_zero = matches!(mode, Prealloc::Falloc | Prealloc::Full);
         match mode {
             Prealloc::Off => {
                 if let Some(d) = &self.data_file {
@@ -262,16 +264,61 @@ impl Qcow2 {
                     }
                 }
             }
-            _ => self.preallocate_range(m, old, new, mode)?,
+            _ => {
+                let head = self.preallocate_head(m, old, mode)?;
+                fresh = self.preallocate_range(m, old, new, mode)?;
+                if let Some(gcl) = head {
+                    if whole_zero && fresh.first() != Some(&gcl) {
+                        fresh.insert(0, gcl);
+                    }
+                }
+            }
         }
         if zero_new {
-            self.zero_new_area(m, old, new)?;
+            // falloc and full preallocation leave the clusters they allocate reading as zero
+            // (qemu-img sets no zero flag there); metadata needs the flag
+            if !whole_zero {
+                fresh.clear();
+            }
+            self.zero_new_area(m, old, new, &fresh)?;
         }
         Ok(())
     }
 
-    /// Makes `[old, new)` read as zero instead of the backing file.
-    fn zero_new_area(&self, m: &mut Meta, old: u64, new: u64) -> Result<()> {
+    /// Preallocation of a size that ends inside a cluster: the part of that cluster below
+    /// the old size keeps what the guest read there (from the backing file, say), the part
+    /// above reads as zero. Written once whole, like a copy-on-write; with falloc and full,
+    /// also where the cluster was allocated already (what lies beyond the old size is stale).
+    /// Returns the guest cluster if it wrote it.
+    fn preallocate_head(&self, m: &mut Meta, old: u64, mode: Prealloc) -> Result<Option<u64>> {
+        let in_cl = old & (self.cs - 1);
+        if in_cl == 0 {
+            return Ok(None);
+        }
+        let gcl = old >> self.cluster_bits;
+        let l2 = self.l2_table_for_write(m, gcl / self.l2_entries)?;
+        let (w, bm) = self.l2_get(m, l2, gcl % self.l2_entries)?;
+        let allocated = if self.has_data_file {
+            w & OFLAG_COPIED != 0
+        } else {
+            w & L2E_OFFSET_MASK != 0 && w & super::OFLAG_COMPRESSED == 0
+        };
+        if allocated && !matches!(mode, Prealloc::Falloc | Prealloc::Full) {
+            return Ok(None);
+        }
+        // with subclusters and metadata preallocation, from the subcluster of the old size
+        // on (those below keep their state, as qemu's copy-on-write of a subcluster)
+        let whole = !self.ext_l2 || matches!(mode, Prealloc::Falloc | Prealloc::Full);
+        let from = if whole { 0 } else { in_cl / self.sc * self.sc };
+        let mut buf = vec![0u8; (self.cs - from) as usize];
+        self.read_old(w, bm, gcl, from, &mut buf[..(in_cl - from) as usize])?;
+        self.write_cluster(m, gcl, from, &buf)?;
+        Ok(Some(gcl))
+    }
+
+    /// Makes `[old, new)` read as zero instead of the backing file; the guest clusters in
+    /// `fresh` (sorted) were just preallocated with zeroes and are left alone.
+    fn zero_new_area(&self, m: &mut Meta, old: u64, new: u64, fresh: &[u64]) -> Result<()> {
         let sc = self.sc;
         let zstart = old.div_ceil(sc) * sc;
         if zstart > old {
@@ -285,6 +332,10 @@ impl Qcow2 {
             let gcl = pos >> self.cluster_bits;
             let in_cl = pos & (self.cs - 1);
             let n = (self.cs - in_cl).min(new - pos);
+            if fresh.binary_search(&gcl).is_ok() {
+                pos += n;
+                continue;
+            }
             let l1_idx = gcl / self.l2_entries;
             let idx = gcl % self.l2_entries;
             let l2 = self.l2_table_for_write(m, l1_idx)?;
@@ -316,8 +367,15 @@ impl Qcow2 {
     }
 
     /// Allocates L2 tables and data clusters for the guest range `[old, new)` (metadata,
-    /// falloc, full).
-    fn preallocate_range(&self, m: &mut Meta, old: u64, new: u64, mode: Prealloc) -> Result<()> {
+    /// falloc, full); returns the guest clusters it allocated (in the image file: falloc and
+    /// full leave them reading as zero).
+    fn preallocate_range(
+        &self,
+        m: &mut Meta,
+        old: u64,
+        new: u64,
+        mode: Prealloc,
+    ) -> Result<Vec<u64>> {
         let cs = self.cs;
         let first = old >> self.cluster_bits;
         let end = new.div_ceil(cs);
@@ -361,16 +419,19 @@ impl Qcow2 {
                     }
                 }
             }
-            return Ok(());
+            return Ok(Vec::new());
         }
         if todo.is_empty() {
-            return Ok(());
+            return Ok(todo);
         }
         let n = todo.len() as u64;
         let start = self.alloc_clusters(m, n)?;
+        // falloc and full clusters read as zero: with subclusters, every one is allocated
+        let all = self.ext_l2 && matches!(mode, Prealloc::Falloc | Prealloc::Full);
         for (i, &gcl) in todo.iter().enumerate() {
             let l2 = self.l2_table_for_write(m, gcl / self.l2_entries)?;
             let (_, bm) = self.l2_get(m, l2, gcl % self.l2_entries)?;
+            let bm = if all { 0xffff_ffff } else { bm };
             self.l2_set(
                 m,
                 l2,
@@ -392,18 +453,30 @@ impl Qcow2 {
                 }
             }
             Prealloc::Falloc => {
-                if self.file.len()? < dend {
+                let len = self.file.len()?;
+                if start < len {
+                    // clusters freed inside the file hold stale data
+                    self.file.write_zeroes(start, len.min(dend) - start)?;
+                }
+                if len < dend {
                     self.file.set_len(dend)?;
                 }
                 self.file.allocate(start, dend - start)?;
             }
             _ => {
-                if self.file.len()? < dend {
-                    self.file.set_len(dend)?;
+                // as far as the last (sub)cluster the guest size reaches, as qemu-img does
+                let mut fend = dend;
+                if todo.last() == Some(&(end - 1)) {
+                    let tail = new - (end - 1) * cs;
+                    fend = dend - cs + tail.div_ceil(self.sc) * self.sc;
+                }
+                if self.file.len()? < fend {
+                    self.file.set_len(fend)?;
                 }
             }
         }
-        self.flush_meta(m)
+        self.flush_meta(m)?;
+        Ok(todo)
     }
 }
 

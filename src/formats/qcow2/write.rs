@@ -12,7 +12,14 @@ const ALL_ZERO: u64 = 0xffff_ffff << 32;
 impl Qcow2 {
     /// Reads the current guest content of `[start, start + buf.len())` of guest cluster
     /// `gcl`, whose L2 entry is (`w`, `bm`).
-    fn read_old(&self, w: u64, bm: u64, gcl: u64, start: u64, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_old(
+        &self,
+        w: u64,
+        bm: u64,
+        gcl: u64,
+        start: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let mut pos = 0u64;
         let len = buf.len() as u64;
         while pos < len {
