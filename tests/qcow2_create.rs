@@ -176,6 +176,9 @@ fn created_images_pass_check_and_match_qemu() {
                     .collect()
             };
             assert_eq!(strip(&qm), strip(&dm), "{combo}: map");
+            // the image file ends where qemu-img's does
+            let flen = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
+            assert_eq!(flen(&dname), flen(&qname), "{combo}: file length");
             if combo.contains("falloc") || combo.contains("full") {
                 let (qf, df) = if combo.contains("data_file") {
                     (format!("q{i}.raw"), format!("d{i}.raw"))

@@ -606,7 +606,8 @@ impl Qcow2 {
         let clusters = bytes.div_ceil(self.cs);
         let new = self.alloc_clusters(m, clusters)?;
         self.flush_meta(m)?;
-        let mut raw = vec![0u8; (bytes.div_ceil(512) * 512) as usize];
+        // exactly the table: the file then ends where qemu-img's does
+        let mut raw = vec![0u8; bytes as usize];
         for (i, &v) in m.l1.iter().enumerate() {
             raw[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
         }
