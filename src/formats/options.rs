@@ -149,9 +149,7 @@ impl CreateOpts {
     pub fn get_number(&self, key: &str) -> Result<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => parse_number(v)
-                .map(Some)
-                .ok_or_else(|| Error::invalid_arg(format!("Parameter '{key}' expects a number"))),
+            Some(v) => parse_number(key, v).map(Some),
         }
     }
 
@@ -226,15 +224,6 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
         _ => Err(Error::invalid_arg(format!(
             "Parameter '{key}' expects 'on' or 'off'"
         ))),
-    }
-}
-
-fn parse_number(v: &str) -> Option<u64> {
-    let v = v.trim();
-    if let Some(hex) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        u64::from_str_radix(hex, 16).ok()
-    } else {
-        v.parse().ok()
     }
 }
 
@@ -382,4 +371,32 @@ mod tests {
         assert_eq!(o.get("b"), Some("x,y"));
         assert_eq!(o.get_bool("c").unwrap(), Some(true));
     }
+}
+
+/// Parses a number option the way QEMU's option parser does (`strtoull` with base 0:
+/// leading blanks, a sign, `0x` hex and `0` octal; a negative number wraps around).
+pub fn parse_number(key: &str, value: &str) -> Result<u64> {
+    let t = value.trim_start();
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (&t[1..], 8)
+    } else {
+        (t, 10)
+    };
+    let not_number = || Error::invalid_arg(format!("Parameter '{key}' expects a number"));
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(not_number());
+    }
+    let n = u64::from_str_radix(digits, radix).map_err(|_| {
+        Error::invalid_arg(format!(
+            "Value '{value}' is too large for parameter '{key}'"
+        ))
+    })?;
+    Ok(if neg { n.wrapping_neg() } else { n })
 }

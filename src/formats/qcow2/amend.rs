@@ -89,15 +89,6 @@ fn open_rw(filename: &str, base: &OpenOptions) -> Result<Qcow2> {
     Qcow2::open(file, filename, &ctx).map_err(|e| e.context(format!("Could not open '{filename}'")))
 }
 
-fn parse_num(v: &str) -> Option<u64> {
-    let v = v.trim();
-    if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        u64::from_str_radix(h, 16).ok()
-    } else {
-        v.parse().ok()
-    }
-}
-
 /// Checks the option names and types the way qemu-img parses `-o` for amend.
 pub fn check_opts(opts: &CreateOpts) -> Result<()> {
     for (k, v) in opts.iter() {
@@ -117,11 +108,7 @@ pub fn check_opts(opts: &CreateOpts) -> Result<()> {
                 opts.get_size(k)?;
             }
             OptKind::Number => {
-                if parse_num(v).is_none() {
-                    return Err(Error::invalid_arg(format!(
-                        "Parameter '{k}' expects a number"
-                    )));
-                }
+                crate::formats::options::parse_number(k, v)?;
             }
             OptKind::Str => {}
         }
@@ -157,7 +144,7 @@ pub fn amend(filename: &str, opts: &CreateOpts, base: &OpenOptions) -> Result<()
     let cur_bits = 1u64 << h.refcount_order;
     let mut refcount_bits = cur_bits;
     if let Some(v) = opts.get("refcount_bits") {
-        let n = parse_num(v).unwrap_or(0);
+        let n = crate::formats::options::parse_number("refcount_bits", v).unwrap_or(0);
         if n == 0 || n > 64 || !n.is_power_of_two() {
             return Err(Error::invalid_arg(
                 "Refcount width must be a power of two and may not exceed 64 bits",

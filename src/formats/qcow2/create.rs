@@ -148,25 +148,15 @@ pub fn create_summary(opts: &CreateOpts) -> String {
             (OptKind::Size, Some(v)) => parse_size(v)
                 .map(|n| n.to_string())
                 .unwrap_or_else(|_| v.to_string()),
-            (OptKind::Number, Some(v)) => parse_num(v)
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| v.to_string()),
+            // printed signed, as qemu-img does (-1 stays -1)
+            (OptKind::Number, Some(v)) => crate::formats::options::parse_number(name, v)
+                .map(|n| (n as i64).to_string())
+                .unwrap_or_else(|_| v.to_string()),
             _ => v.to_string(),
         };
         s.push_str(&format!(" {name}={text}"));
     }
     s
-}
-
-fn parse_num(v: &str) -> Option<u64> {
-    let v = v.trim();
-    if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        u64::from_str_radix(h, 16).ok()
-    } else if v.len() > 1 && v.starts_with('0') {
-        u64::from_str_radix(&v[1..], 8).ok()
-    } else {
-        v.parse().ok()
-    }
 }
 
 /// Preallocation modes.
@@ -229,11 +219,7 @@ fn type_check(opts: &CreateOpts, filename: &str) -> Result<()> {
                 opts.get_size(k).map_err(|e| e.context(filename))?;
             }
             OptKind::Number => {
-                if parse_num(v).is_none() {
-                    return Err(Error::invalid_arg(format!(
-                        "{filename}: Parameter '{k}' expects a number"
-                    )));
-                }
+                crate::formats::options::parse_number(k, v).map_err(|e| e.context(filename))?;
             }
             OptKind::Str => {}
         }
@@ -376,8 +362,7 @@ pub fn params(opts: &CreateOpts) -> Result<Qcow2CreateParams> {
     }
     let refcount_bits = match opts.get("refcount_bits") {
         None => 16,
-        Some(v) => parse_num(v)
-            .ok_or_else(|| Error::invalid_arg("Parameter 'refcount_bits' expects a number"))?,
+        Some(v) => crate::formats::options::parse_number("refcount_bits", v)?,
     };
     if refcount_bits > 64 || !refcount_bits.is_power_of_two() {
         return Err(Error::invalid_arg(
