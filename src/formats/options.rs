@@ -347,32 +347,6 @@ pub fn summary(fmt: &str, descs: &[OptDesc], opts: &CreateOpts) -> String {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1.5k"), Ok(1536));
-        assert_eq!(parse_size("64k"), Ok(65536));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("512"), Ok(512));
-        assert_eq!(parse_size("0x200"), Ok(512));
-        assert_eq!(parse_size("1Q"), Err(SizeError::Invalid));
-        assert_eq!(parse_size("-1"), Err(SizeError::Range));
-        assert_eq!(parse_size("16E"), Err(SizeError::Range));
-        assert_eq!(parse_size(""), Err(SizeError::Invalid));
-    }
-
-    #[test]
-    fn opts() {
-        let o = CreateOpts::parse("a=1,b=x,,y,c").unwrap();
-        assert_eq!(o.get("a"), Some("1"));
-        assert_eq!(o.get("b"), Some("x,y"));
-        assert_eq!(o.get_bool("c").unwrap(), Some(true));
-    }
-}
-
 /// Parses a number option the way QEMU's option parser does (`strtoull` with base 0:
 /// leading blanks, a sign, `0x` hex and `0` octal; a negative number wraps around).
 pub fn parse_number(key: &str, value: &str) -> Result<u64> {
@@ -399,4 +373,30 @@ pub fn parse_number(key: &str, value: &str) -> Result<u64> {
         ))
     })?;
     Ok(if neg { n.wrapping_neg() } else { n })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("0x200"), Ok(512));
+        assert_eq!(parse_size("1Q"), Err(SizeError::Invalid));
+        assert_eq!(parse_size("-1"), Err(SizeError::Range));
+        assert_eq!(parse_size("16E"), Err(SizeError::Range));
+        assert_eq!(parse_size(""), Err(SizeError::Invalid));
+    }
+
+    #[test]
+    fn opts() {
+        let o = CreateOpts::parse("a=1,b=x,,y,c").unwrap();
+        assert_eq!(o.get("a"), Some("1"));
+        assert_eq!(o.get("b"), Some("x,y"));
+        assert_eq!(o.get_bool("c").unwrap(), Some(true));
+    }
 }
