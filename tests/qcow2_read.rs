@@ -269,6 +269,50 @@ fn open_err(path: &Path) -> String {
     }
 }
 
+/// The feature name table as qemu reads it (iotest 036): a short last entry padded with
+/// zeroes names its feature; unknown autoclear bits go on a writable open, `check -r` too.
+#[test]
+fn feature_table_and_autoclear_bits_like_qemu() {
+    require_qemu!();
+    let d = tmpdir();
+    let dir = d.path();
+    ok(qemu_img(
+        dir,
+        &["create", "-q", "-f", "qcow2", "f.qcow2", "1M"],
+    ));
+    let p = dir.join("f.qcow2");
+    // one feature-table extension of 14 bytes, then the end of the extensions
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&0x6803_f857u32.to_be_bytes());
+    ext.extend_from_slice(&14u32.to_be_bytes());
+    ext.extend_from_slice(b"\x00\x3fTest feature\0\0");
+    ext.extend_from_slice(&[0u8; 8]);
+    patch(&p, 112, &ext);
+    for bits in [1u64 << 63, 0x6000_0000_0000_0000, 0xe000_0000_0000_0000] {
+        patch(&p, 72, &bits.to_be_bytes());
+        let out = same_as_qemu(dir, &["info", "f.qcow2"]);
+        assert!(
+            stderr(&out).contains("Unsupported qcow2 feature(s): "),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let out = same_as_qemu(dir, &["info", "f.qcow2"]);
+    assert!(stderr(&out).contains("Test feature, Unknown incompatible feature: 6000000000000000"));
+
+    ok(qemu_img(
+        dir,
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"],
+    ));
+    let a = dir.join("a.qcow2");
+    patch(&a, 88, &(1u64 << 63).to_be_bytes());
+    let (qd, dd) = same_effect_as_qemu(dir, &["a.qcow2"], &["check", "-r", "all", "a.qcow2"]);
+    for w in [qd, dd] {
+        let raw = std::fs::read(w.join("a.qcow2")).unwrap();
+        assert_eq!(&raw[88..96], &[0u8; 8], "{}", w.display());
+    }
+}
+
 #[test]
 fn hostile_headers_are_refused() {
     require_qemu!();

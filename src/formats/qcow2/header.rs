@@ -440,7 +440,14 @@ impl Header {
                     self.backing_format = Some(cstr(&data));
                 }
                 EXT_FEATURE_TABLE => {
-                    for e in data.chunks_exact(48) {
+                    // as qemu reads it: 48-byte entries, a short last one padded with
+                    // zeroes, up to the first without a name
+                    let mut padded = data.clone();
+                    padded.resize(data.len().div_ceil(48) * 48, 0);
+                    for e in padded.chunks_exact(48) {
+                        if e[2] == 0 {
+                            break;
+                        }
                         self.feature_names.push(FeatureName {
                             kind: e[0],
                             bit: e[1],

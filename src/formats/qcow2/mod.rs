@@ -231,6 +231,15 @@ impl Qcow2 {
             writable,
             has_data_file,
         };
+        if writable && q.hdr.version >= 3 {
+            // qemu clears the autoclear bits it does not know on every writable open
+            let mut m = q.meta.lock().unwrap();
+            if m.autoclear & !header::AUTOCLEAR_MASK != 0 {
+                m.autoclear &= header::AUTOCLEAR_MASK;
+                q.file.write_at(&m.autoclear.to_be_bytes(), 88)?;
+                q.file.sync()?;
+            }
+        }
         if writable && !check_mode && q.hdr.incompatible & header::INCOMPAT_DIRTY != 0 {
             // qemu repairs a dirty (lazy refcounts) image before writing to it
             match q.check_image(Some(crate::formats::RepairMode::All)) {
