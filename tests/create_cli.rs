@@ -79,6 +79,27 @@ fn create_matches_qemu_img() {
             "a.qcow2",
         ],
         &["create", "-f", "qcow2", "-b", "base.qcow2", "a.qcow2"],
+        // a backing file that does not open: its error comes before the missing format
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "nonexist.qcow2",
+            "a.qcow2",
+            "64M",
+        ],
+        &["create", "-f", "qcow2", "-b", "nonexist.qcow2", "a.qcow2"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "nonexist.qcow2",
+            "a.qcow2",
+            "64M",
+        ],
         &[
             "create",
             "-f",

@@ -83,7 +83,8 @@ impl CreateRequest {
         } else {
             None
         };
-        if fmt.is_none() {
+        // a backing file that does not open is reported first, format or not
+        if fmt.is_none() && !matches!(opened, Some(Err(_))) {
             let mut msg = format!("{name}: Backing file specified without backing format");
             if let Some(Ok(img)) = &opened {
                 msg.push_str(&format!("\nDetected format of {}.", img.format()));
