@@ -70,25 +70,7 @@ impl Qcow2 {
         self.file.sync()?;
         m.changed = false;
 
-        // 3. Give the space back: punch what is free now, cut a free tail.
-        frees.sort_unstable();
-        frees.dedup();
-        let mut run: Option<(u64, u64)> = None;
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for c in frees {
-            if self.refcount(&mut m, c)? != 0 {
-                continue;
-            }
-            run = match run {
-                Some((s, n)) if s + n == c => Some((s, n + 1)),
-                Some(r) => {
-                    runs.push(r);
-                    Some((c, 1))
-                }
-                None => Some((c, 1)),
-            };
-        }
-        runs.extend(run);
+        // 3. Give the space back: cut a free tail, punch what is free now.
         let flen = self.file.len()?;
         let last = self.last_used_cluster(&mut m, flen.div_ceil(self.cs))?;
         if let Some(last) = last {
@@ -101,16 +83,7 @@ impl Qcow2 {
                 }
             }
         }
-        let flen = self.file.len()?;
-        for (s, n) in runs {
-            let off = s * self.cs;
-            if off >= flen {
-                continue;
-            }
-            let len = (n * self.cs).min(flen - off);
-            // Best effort: a file system without hole punching keeps the space.
-            let _ = self.file.punch_hole(off, len);
-        }
+        self.punch_freed(&mut m, frees)?;
         Ok(())
     }
 

@@ -136,9 +136,12 @@ impl Qcow2 {
             m.l1_dirty = true;
             m.changed = true;
         }
+        let frees = m.pending_free.clone();
         self.flush_meta(m)?;
         self.shrink_reftable(m)?;
-        self.truncate_tail(m)
+        self.truncate_tail(m)?;
+        // what was freed inside the file goes back to the host (qemu discards it)
+        self.punch_freed(m, frees)
     }
 
     /// Drops refcount blocks that count nothing but (maybe) themselves.

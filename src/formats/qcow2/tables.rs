@@ -722,6 +722,35 @@ impl Qcow2 {
         Ok(true)
     }
 
+    /// Punches holes where the host clusters `frees` (freed already) lie, those whose
+    /// refcount is still 0 and that are inside the file: the space goes back to the host, as
+    /// qemu's discards on freeing do. Best effort: a file system without hole punching
+    /// keeps the space.
+    pub(crate) fn punch_freed(&self, m: &mut Meta, mut frees: Vec<u64>) -> Result<()> {
+        frees.sort_unstable();
+        frees.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in frees {
+            if self.refcount(m, c)? != 0 || self.is_reserved(m, c) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == c => *n += 1,
+                _ => runs.push((c, 1)),
+            }
+        }
+        let flen = self.file.len()?;
+        for (s, n) in runs {
+            let off = s << self.cluster_bits;
+            if off >= flen {
+                continue;
+            }
+            let len = (n << self.cluster_bits).min(flen - off);
+            let _ = self.file.punch_hole(off, len);
+        }
+        Ok(())
+    }
+
     /// Clusters that must never be handed out even with refcount 0 (defensive).
     fn is_reserved(&self, m: &Meta, c: u64) -> bool {
         let off = c << self.cluster_bits;
