@@ -545,3 +545,75 @@ fn cache_modes_copy_correctly_and_reject_bad_modes_like_qemu_img() {
         let _ = std::fs::remove_file(d.join("e.raw"));
     }
 }
+
+/// iotest 122's cases: `-c -S 0` compresses every cluster, zero ones included (the whole
+/// map is compressed, as qemu-img makes it); `-n` into a compat=0.10 image with a backing
+/// file writes zeroes as data (v2 has no zero clusters: left unallocated, the backing file's
+/// data would show through).
+#[test]
+fn compressed_dense_and_n_into_v2_overlay_match_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "s.qcow2", "8M"],
+    ));
+    ok(qemu_io(
+        d,
+        "qcow2",
+        "s.qcow2",
+        &["write -P 0x22 0 1M", "write -P 0 1M 1M"],
+    ));
+    for o in ["q.qcow2", "d.qcow2"] {
+        let args = ["convert", "-O", "qcow2", "-c", "-S", "0", "s.qcow2", o];
+        if o.starts_with('q') {
+            ok(qemu_img(d, &args));
+        } else {
+            ok(diskit(d, &args));
+        }
+    }
+    same_content(d, "s.qcow2", "d.qcow2");
+    assert_eq!(map(d, "d.qcow2"), map(d, "q.qcow2"));
+    assert!(map(d, "d.qcow2").contains("\"compressed\": true"));
+
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "z.qcow2", "4M"],
+    ));
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
+    ));
+    ok(qemu_io(d, "qcow2", "base.qcow2", &["write -P 7 0 4M"]));
+    for compat in ["1.1", "0.10"] {
+        for o in ["qn.qcow2", "dn.qcow2"] {
+            let opt = format!("compat={compat}");
+            ok(qemu_img(
+                d,
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &opt,
+                    "-b",
+                    "base.qcow2",
+                    "-F",
+                    "qcow2",
+                    o,
+                    "4M",
+                ],
+            ));
+            let args = ["convert", "-O", "qcow2", "-n", "z.qcow2", o];
+            if o.starts_with('q') {
+                ok(qemu_img(d, &args));
+            } else {
+                ok(diskit(d, &args));
+            }
+        }
+        same_content(d, "z.qcow2", "dn.qcow2");
+        assert_eq!(map(d, "dn.qcow2"), map(d, "qn.qcow2"), "compat={compat}");
+    }
+}

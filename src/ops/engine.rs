@@ -553,7 +553,8 @@ fn read_and_plan(
             let in_cluster = ((toff + pos as u64) % cs as u64) as usize;
             let len = (cs - in_cluster).min(n - pos);
             let part = &buf[pos..pos + len];
-            if is_zero(part) {
+            // -S 0 compresses zero clusters too (qemu-img allocates everything)
+            if p.sparse_size > 0 && is_zero(part) {
                 if need_zero_writes {
                     ops.push(Op::Zero(toff + pos as u64, len as u64));
                 }

@@ -242,7 +242,9 @@ impl Qcow2 {
         let l1_idx = gcl / self.l2_entries;
         let idx = gcl % self.l2_entries;
         if self.hdr.version < 3 {
-            if self.backing.is_some() {
+            // a backing file named in the header counts even when it was not opened
+            // (convert -n opens its target without): unallocated would show it through
+            if self.backing.is_some() || self.hdr.backing_file.is_some() {
                 let zeros = vec![0u8; self.cs as usize];
                 return self.write_cluster(m, gcl, 0, &zeros);
             }
