@@ -528,7 +528,7 @@ fn read_snap_table(
     let mut out = Vec::new();
     let start = hdr.snapshots_offset;
     let mut off = start;
-    for _ in 0..hdr.nb_snapshots {
+    for i in 0..hdr.nb_snapshots {
         let mut e = [0u8; 40];
         if off + 40 > flen {
             return Err("Could not read snapshot table: Input/output error".into());
@@ -540,9 +540,12 @@ fn read_snap_table(
         let name_len = u16::from_be_bytes([e[14], e[15]]) as u64;
         let extra_len = u32::from_be_bytes(e[36..40].try_into().unwrap()) as u64;
         if extra_len > 1024 {
-            return Err("Too much extra metadata in snapshot table entry 0".into());
+            return Err(header::snapshot_extra_message(i));
         }
         let total = 40 + extra_len + id_len + name_len;
+        if off + total - start > 1024 * header::MAX_SNAPSHOTS {
+            return Err(header::snapshot_table_message(hdr.nb_snapshots - i));
+        }
         if off + total > flen {
             return Err("Could not read snapshot table: Input/output error".into());
         }
@@ -558,9 +561,6 @@ fn read_snap_table(
             extra_len: extra_len as u32,
         });
         off += total.div_ceil(8) * 8;
-        if off - start > 1024 * header::MAX_SNAPSHOTS {
-            return Err("Snapshot table is too big".into());
-        }
     }
     Ok((out, off - start))
 }
@@ -614,7 +614,43 @@ impl Qcow2 {
                 self.filename
             )));
         }
-        let r = self.check_locked(fix);
+        // -r all completes snapshot table entries with less extra data than a v3 image needs
+        // (qemu rewrites the table with the VM state size, the current disk size and no
+        // icount)
+        let mut completed = Vec::new();
+        if fix == Some(RepairMode::All) && self.writable {
+            let hdr = Header::read_mode(&self.file, true)?;
+            if hdr.version >= 3 && hdr.nb_snapshots > 0 {
+                if let Ok((snaps, _)) = read_snap_table(self, &hdr, self.file.len()?) {
+                    completed = (0..snaps.len())
+                        .filter(|&i| snaps[i].extra_len < 16)
+                        .collect();
+                }
+            }
+            if !completed.is_empty() {
+                let list = super::snapshot::read_table(self)?;
+                let size = self.current_size()?;
+                self.start_write(&mut m)?;
+                self.rewrite_snapshot_table(&mut m, &list, size)?;
+                self.flush_meta(&mut m)?;
+            }
+        }
+        let mut r = self.check_locked(fix);
+        if let Ok(rep) = &mut r {
+            let mut notes: Vec<Finding> = completed
+                .iter()
+                .map(|i| Finding {
+                    kind: "snapshot".into(),
+                    cluster: None,
+                    offset: None,
+                    message: format!("Repairing snapshot table entry {i} is incomplete"),
+                    repaired: true,
+                })
+                .collect();
+            rep.corruptions_fixed += completed.len() as u64;
+            notes.append(&mut rep.findings);
+            rep.findings = notes;
+        }
         if fix.is_some() {
             let hdr = Header::read_mode(&self.file, true)?;
             let mut fresh = Meta::load(&self.file, &hdr)?;
@@ -697,7 +733,15 @@ impl Qcow2 {
                     ),
                     repaired: false,
                 });
-                return Err(Error::invalid_image("Check failed: Input/output error"));
+                // qemu fails these with EFBIG
+                let errno = if msg.starts_with("Too much extra")
+                    || msg.starts_with("Snapshot table is too big")
+                {
+                    "File too large"
+                } else {
+                    "Input/output error"
+                };
+                return Err(Error::invalid_image(format!("Check failed: {errno}")));
             }
         };
         if hdr.version >= 3 {

@@ -680,10 +680,7 @@ pub fn read_snapshots(file: &HostFile, h: &Header) -> Result<Vec<Snapshot>> {
     let flen = file.len()?;
     let mut off = h.snapshots_offset;
     let limit = 1024 * MAX_SNAPSHOTS;
-    for _ in 0..h.nb_snapshots {
-        if off - h.snapshots_offset > limit {
-            return Err(Error::too_large("Snapshot table too large"));
-        }
+    for i in 0..h.nb_snapshots {
         let mut e = [0u8; 40];
         if off + 40 > flen {
             return Err(Error::invalid_image(format!(
@@ -697,9 +694,10 @@ pub fn read_snapshots(file: &HostFile, h: &Header) -> Result<Vec<Snapshot>> {
         let name_len = u16::from_be_bytes([e[14], e[15]]) as u64;
         let extra_len = be32(&e, 36) as u64;
         if extra_len > 1024 {
-            return Err(Error::invalid_image(
-                "Too much extra metadata in snapshot table entry",
-            ));
+            return Err(Error::too_large(snapshot_extra_message(i)));
+        }
+        if off + 40 + extra_len + id_len + name_len - h.snapshots_offset > limit {
+            return Err(Error::too_large(snapshot_table_message(h.nb_snapshots - i)));
         }
         let mut extra = vec![0u8; extra_len as usize];
         file.read_at(&mut extra, off + 40)?;
@@ -743,6 +741,20 @@ pub fn read_snapshots(file: &HostFile, h: &Header) -> Result<Vec<Snapshot>> {
         out.push(s);
     }
     Ok(out)
+}
+
+/// qemu's message for a snapshot table entry with more than 1 KiB of extra data.
+pub(crate) fn snapshot_extra_message(i: u32) -> String {
+    format!(
+        "Too much extra metadata in snapshot table entry {i}\nYou can force-remove this extra metadata with qemu-img check -r all"
+    )
+}
+
+/// qemu's message for a snapshot table reaching past 64 MiB (`overhanging` entries).
+pub(crate) fn snapshot_table_message(overhanging: u32) -> String {
+    format!(
+        "Snapshot table is too big\nYou can force-remove all {overhanging} overhanging snapshots with qemu-img check -r all"
+    )
 }
 
 /// A persistent bitmap as `info` reports it.

@@ -111,8 +111,8 @@ pub(crate) fn read_table_sized(q: &Qcow2) -> Result<(Vec<SnapEntry>, u64)> {
         q.file.read_at(&mut h, pos)?;
         let extra_len = be32(&h, 36);
         if extra_len > MAX_EXTRA {
-            return Err(Error::invalid_image(format!(
-                "Too much extra metadata in snapshot table entry {i}"
+            return Err(Error::too_large(super::header::snapshot_extra_message(
+                i as u32,
             )));
         }
         let id_len = be16(&h, 12);
