@@ -243,6 +243,17 @@ fn image_opts_on_reading_verbs_match_qemu_img() {
             "driver=qcow2,file.filename=nonexist",
         ],
         vec!["info", "--image-opts", "driver=raw,file.filename=a.qcow2"],
+        // qcow2's cache and discard tuning options are accepted (iotest 061), others not
+        vec![
+            "info",
+            "--image-opts",
+            "driver=qcow2,file.filename=a.qcow2,l2-cache-entry-size=4096,overlap-check=none",
+        ],
+        vec![
+            "info",
+            "--image-opts",
+            "driver=raw,file.filename=a.qcow2,l2-cache-size=1M",
+        ],
         vec!["check", "--image-opts", q],
         vec!["check", "--output=json", "--image-opts", q],
         vec!["map", "--output=json", "--image-opts", q],

@@ -31,6 +31,21 @@ const NODE_OPTS: &[&str] = &[
     "detect-zeroes",
 ];
 
+/// Runtime options of the qcow2 driver that tune QEMU's caches, discards and overlap checks;
+/// accepted (diskit has no such knobs, and reads and writes the same without them).
+const QCOW2_OPTS: &[&str] = &[
+    "cache-size",
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-clean-interval",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "discard-no-unref",
+    "overlap-check",
+];
+
 /// Extra options of the `file` protocol driver that diskit accepts.
 const FILE_OPTS: &[&str] = &["filename", "locking", "aio", "aio-max-batch", "drop-cache"];
 
@@ -173,7 +188,11 @@ pub fn parse(spec: &str, force_share: bool) -> Result<ImageSpec, CliError> {
                     "Block protocol 'file' doesn't support the option '{sub}'"
                 )));
             }
-        } else if k != "driver" && !NODE_OPTS.contains(&k.as_str()) {
+        } else if k != "driver"
+            && !NODE_OPTS.contains(&k.as_str())
+            && !(format == Some(Format::Qcow2)
+                && (QCOW2_OPTS.contains(&k.as_str()) || k.starts_with("overlap-check.")))
+        {
             return Err(fail(format!(
                 "Block format '{driver}' does not support the option '{k}'"
             )));
