@@ -37,6 +37,16 @@ fn progress_json_lines() {
     let dir = tmpdir();
     let d = dir.path();
     mixed_raw(d, "src.raw", 16 << 20);
+    // the total is what qemu-img's progress counts: the source's data
+    let m: serde_json::Value = serde_json::from_str(&map(d, "src.raw")).unwrap();
+    let data: u64 = m
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert!(data > 0 && data < 16 << 20);
     for flag in ["--progress=json", "--progress-json"] {
         let out = ok(diskit(
             d,
@@ -55,8 +65,8 @@ fn progress_json_lines() {
             let total = v["total"].as_u64().expect("total");
             let elapsed = v["elapsed"].as_f64().expect("elapsed");
             assert!(elapsed >= 0.0, "{line}");
-            // the total is the virtual size on every line, the first one included
-            assert_eq!(total, 16 << 20, "{flag}: {line}");
+            // the same total on every line, the first one included
+            assert_eq!(total, data, "{flag}: {line}");
             assert!(done >= last_done, "{flag}: done went back: {text}");
             assert!(done <= total, "{line}");
             last_done = done;
@@ -616,4 +626,40 @@ fn compressed_dense_and_n_into_v2_overlay_match_qemu_img() {
         same_content(d, "z.qcow2", "dn.qcow2");
         assert_eq!(map(d, "dn.qcow2"), map(d, "qn.qcow2"), "compat={compat}");
     }
+}
+
+/// `-p` counts the data to copy, as qemu-img does (iotest 086): four 1 MiB runs of data in a
+/// 128 MiB image print 0, 25, 50, 75 and 100 percent (and 100 once more at the end), line
+/// for line qemu-img's.
+#[test]
+fn progress_counts_the_data_like_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "p.qcow2", "128M"],
+    ));
+    ok(qemu_io(
+        d,
+        "qcow2",
+        "p.qcow2",
+        &["write 0 1M", "write 2M 1M", "write 4M 1M", "write 32M 1M"],
+    ));
+    let args = [
+        "convert", "-p", "-O", "qcow2", "-f", "qcow2", "p.qcow2", "o.qcow2",
+    ];
+    let out = same_as_qemu(d, &args);
+    assert_eq!(
+        stdout(&out),
+        "    (0.00/100%)\r    (25.00/100%)\r    (50.00/100%)\r    (75.00/100%)\r    (100.00/100%)\r    (100.00/100%)\r\n"
+    );
+    same_content(d, "p.qcow2", "o.qcow2");
+    // an image without data: 0 and 100
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "e.qcow2", "8M"],
+    ));
+    std::fs::remove_file(d.join("o.qcow2")).unwrap();
+    same_as_qemu(d, &["convert", "-p", "-O", "qcow2", "e.qcow2", "o.qcow2"]);
 }

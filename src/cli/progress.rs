@@ -85,7 +85,7 @@ impl Progress {
                 }
             }
             Mode::Text => {
-                if pct > st.1 + self.min_skip || pct == 100.0 || pct == 0.0 {
+                if pct >= st.1 + self.min_skip || pct == 100.0 || pct == 0.0 {
                     if pct == 0.0 && st.1 == 0.0 {
                         return;
                     }

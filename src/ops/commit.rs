@@ -257,6 +257,7 @@ pub fn commit(
     let base = ls[depth];
     let view = AboveBase::new(ls[..depth].to_vec());
     let params = CopyParams {
+        progress_by_data: false,
         sources: vec![Source::whole(&view, 0)],
         target: base,
         target_is_zero: false,

@@ -282,6 +282,7 @@ pub fn convert(
         off += s.virtual_size();
     }
     let params = CopyParams {
+        progress_by_data: true,
         sources,
         target: tgt.as_ref(),
         target_is_zero: !opts.no_create || opts.target_is_zero,
@@ -299,10 +300,6 @@ pub fn convert(
         dense: opts.sparse_size == 0,
         copy_offload: opts.copy_range && offload_capable(&srcs, tgt.as_ref()),
     };
-    // the real total before any data moves (a caller's first report cannot know it)
-    if let Some(cb) = progress {
-        cb(0, total);
-    }
     let stats = engine::copy(&params)?;
     if opts.bitmaps {
         let r = copy_bitmaps(srcs[0].as_ref(), tgt.as_ref(), opts);

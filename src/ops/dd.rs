@@ -85,6 +85,7 @@ pub fn dd(o: &DdOptions) -> Result<DdResult> {
         skip_bytes.unwrap_or(0)
     };
     let params = CopyParams {
+        progress_by_data: false,
         sources: vec![Source {
             img: src.as_ref(),
             start,

@@ -109,6 +109,10 @@ pub struct CopyParams<'a> {
     pub salvage: bool,
     /// Called with (bytes done, total) as work completes.
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+    /// Progress counts the data to copy only, as qemu-img convert's does (the data runs of
+    /// the sources, everything with `-S 0`, measured before the copy starts); otherwise
+    /// every guest byte.
+    pub progress_by_data: bool,
     /// Bytes per second limit, if any.
     pub rate: Option<u64>,
     /// Read and write every byte, zeroes and holes included (`dd`).
@@ -152,6 +156,8 @@ struct Item {
     src: usize,
     /// Guest bytes covered, for progress.
     len: u64,
+    /// Bytes of it that the source's map calls data (progress by data).
+    data: u64,
     /// (source offset, length, status), consecutive, in order.
     runs: Vec<(u64, u64, Status)>,
 }
@@ -167,7 +173,17 @@ const GROUP_SPAN: u64 = 256 * CHUNK;
 pub fn copy(p: &CopyParams) -> Result<CopyStats> {
     let cluster = p.cluster_size.max(512);
     let chunk = CHUNK.max(cluster).div_ceil(cluster) * cluster;
-    let total: u64 = p.sources.iter().map(|s| s.len).sum();
+    let total: u64 = if p.progress.is_some() && p.progress_by_data {
+        data_total(p)?
+    } else {
+        p.sources.iter().map(|s| s.len).sum()
+    };
+    if p.progress_by_data && total > 0 {
+        // the real total before any data moves (a caller's first report cannot know it)
+        if let Some(cb) = p.progress {
+            cb(0, total);
+        }
+    }
     let workers = p.workers.clamp(1, crate::limits::ENGINE_MAX_WORKERS);
 
     let next_write = Mutex::new(0u64);
@@ -219,9 +235,18 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                     );
                     match r {
                         Ok(()) => {
-                            let d = done.fetch_add(item.len, Ordering::SeqCst) + item.len;
+                            let n = if p.progress_by_data {
+                                item.data
+                            } else {
+                                item.len
+                            };
+                            let d = done.fetch_add(n, Ordering::SeqCst) + n;
                             if let Some(cb) = p.progress {
-                                cb(d, total);
+                                // by data, only where some was copied (qemu-img prints 100%
+                                // once when the data is done, and once at the end)
+                                if n > 0 || !p.progress_by_data {
+                                    cb(d, total);
+                                }
                             }
                             if let Some(rate) = p.rate {
                                 throttle(d, rate, start);
@@ -235,7 +260,7 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
         // The planner runs on this thread.
         let plan = || -> Result<()> {
             let mut seq = 0u64;
-            let mut emit = |si: usize, runs: Vec<(u64, u64, Status)>| -> bool {
+            let mut emit = |si: usize, runs: Vec<(u64, u64, Status)>, data: u64| -> bool {
                 let (offset, end) = match (runs.first(), runs.last()) {
                     (Some(a), Some(b)) => (a.0, b.0 + b.1),
                     _ => return true,
@@ -244,6 +269,7 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                     seq,
                     src: si,
                     len: end - offset,
+                    data,
                     runs,
                 };
                 seq += 1;
@@ -263,6 +289,8 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                 // chunk of data rather than per window.
                 let mut group: Vec<(u64, u64, Status)> = Vec::new();
                 let mut group_data = 0u64;
+                // what progress counts of the group (see `counts`)
+                let mut group_counted = 0u64;
                 while off < size {
                     if failed.load(Ordering::SeqCst) {
                         return Ok(());
@@ -287,11 +315,19 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                         let mergeable = (p.sparse_size > 0 || p.compressing())
                             && !offload.load(Ordering::SeqCst);
                         if has_data && !has_backing && mergeable {
-                            if !group.is_empty() && !emit(si, std::mem::take(&mut group)) {
+                            if !group.is_empty()
+                                && !emit(si, std::mem::take(&mut group), group_counted)
+                            {
                                 return Ok(());
                             }
                             group_data = 0;
-                            if !emit(si, vec![(off, wend - off, Status::Data)]) {
+                            group_counted = 0;
+                            let data: u64 = runs
+                                .iter()
+                                .filter(|r| counts(p, r.2))
+                                .map(|r| r.1.min(wend - r.0))
+                                .sum();
+                            if !emit(si, vec![(off, wend - off, Status::Data)], data) {
                                 return Ok(());
                             }
                             off = wend;
@@ -321,29 +357,33 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                             .filter(|r| r.2 == Status::Data)
                             .map(|r| r.1)
                             .sum();
+                        let counted: u64 =
+                            runs.iter().filter(|r| counts(p, r.2)).map(|r| r.1).sum();
                         let span = group.first().map_or(0, |f| off - f.0);
                         if group_data + data > chunk
                             || group.len() + runs.len() > GROUP_RUNS
                             || span > GROUP_SPAN
                         {
-                            if !emit(si, std::mem::take(&mut group)) {
+                            if !emit(si, std::mem::take(&mut group), group_counted) {
                                 return Ok(());
                             }
                             group_data = 0;
+                            group_counted = 0;
                         }
                         group.extend(runs);
                         group_data += data;
+                        group_counted += counted;
                         continue;
                     }
                     // dense (`dd`, -S 0): everything is data, in items cut at the chunk
                     // boundaries of the target offset
                     let n = window_end(off) - off;
-                    if !emit(si, vec![(off, n, Status::Data)]) {
+                    if !emit(si, vec![(off, n, Status::Data)], n) {
                         return Ok(());
                     }
                     off += n;
                 }
-                if !emit(si, group) {
+                if !emit(si, group, group_counted) {
                     return Ok(());
                 }
             }
@@ -362,6 +402,34 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
         cb(total, total);
     }
     Ok(stats.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Whether progress by data counts a run of this status: data, and with `-c` everything
+/// (qemu-img counts every cluster of a compressed copy).
+fn counts(p: &CopyParams, st: Status) -> bool {
+    st == Status::Data || p.compress
+}
+
+/// The bytes a copy's progress counts with `progress_by_data`: the data runs of the sources
+/// (with `dense`, everything).
+fn data_total(p: &CopyParams) -> Result<u64> {
+    if p.dense {
+        return Ok(p.sources.iter().map(|s| s.len).sum());
+    }
+    let mut total = 0u64;
+    for s in &p.sources {
+        let end = s.start + s.len;
+        let mut pos = s.start;
+        while pos < end {
+            let (st, n) = chain_status(s.img, pos, end - pos, p.top_only)?;
+            let n = n.clamp(1, end - pos);
+            if counts(p, st) {
+                total += n;
+            }
+            pos += n;
+        }
+    }
+    Ok(total)
 }
 
 /// Compressed output over a backing file: a target cluster whose runs differ is copied whole
