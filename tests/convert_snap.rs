@@ -268,6 +268,10 @@ fn convert_bitmaps_matches_qemu_img() {
     ok(qemu_img(d, &["snapshot", "-c", "s1", "b.qcow2"]));
     std::fs::copy(d.join("b.qcow2"), d.join("bi.qcow2")).unwrap();
     set_in_use(&d.join("bi.qcow2"), "bm2");
+    // two inconsistent bitmaps: qemu-img names them last to first
+    std::fs::copy(d.join("b.qcow2"), d.join("bi2.qcow2")).unwrap();
+    set_in_use(&d.join("bi2.qcow2"), "bm1");
+    set_in_use(&d.join("bi2.qcow2"), "bm2");
     ok(qemu_img(
         d,
         &[
@@ -312,11 +316,20 @@ fn convert_bitmaps_matches_qemu_img() {
             "--skip-broken-bitmaps",
             "-O",
             "qcow2",
+            "bi2.qcow2",
+            "o.img",
+        ],
+        &[
+            "convert",
+            "--bitmaps",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
             "b.qcow2",
             "o.img",
         ],
     ] {
-        let (q, k) = same_effect_as_qemu(d, &["b.qcow2", "bi.qcow2"], args);
+        let (q, k) = same_effect_as_qemu(d, &["b.qcow2", "bi.qcow2", "bi2.qcow2"], args);
         let (bq, bk) = (bitmaps(&q.join("o.img")), bitmaps(&k.join("o.img")));
         assert_eq!(bq, bk, "bitmaps differ for {args:?}");
         assert!(!bk.is_empty());
@@ -362,6 +375,7 @@ fn convert_bitmaps_matches_qemu_img() {
             "o.img",
         ],
         &["convert", "--bitmaps", "-O", "qcow2", "bi.qcow2", "o.img"],
+        &["convert", "--bitmaps", "-O", "qcow2", "bi2.qcow2", "o.img"],
         &["convert", "--skip-broken-bitmaps", "b.qcow2", "o.img"],
     ];
     for args in errors {

@@ -342,7 +342,8 @@ fn check_bitmaps(src: &dyn BlockDriver, skip_broken: bool) -> Result<()> {
     }
     let q = src.as_any().downcast_ref::<Qcow2>().expect("qcow2");
     if !skip_broken {
-        if let Some(b) = q.bitmap_list().iter().find(|b| b.flags & 1 != 0) {
+        // qemu-img walks the bitmaps last to first
+        if let Some(b) = q.bitmap_list().iter().rev().find(|b| b.flags & 1 != 0) {
             return Err(Error::invalid_arg(format!(
                 "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
                 b.name
@@ -364,14 +365,18 @@ fn copy_bitmaps(src: &dyn BlockDriver, tgt: &dyn BlockDriver, opts: &ConvertOpti
     if sq.bitmap_list().is_empty() {
         return Ok(());
     }
+    // qemu-img walks the bitmaps last to first (its warnings come in that order) and its
+    // target lists them in the source's order
+    if let Some(w) = opts.warn {
+        for b in sq.bitmap_list().iter().rev().filter(|b| b.flags & 1 != 0) {
+            w(&format!("Skipping inconsistent bitmap '{}'", b.name));
+        }
+    }
     let mut ed = tq.bitmap_editor()?;
     let mut result = Ok(());
     for b in sq.bitmap_list() {
         let name = &b.name;
         if b.flags & 1 != 0 {
-            if let Some(w) = opts.warn {
-                w(&format!("Skipping inconsistent bitmap '{name}'"));
-            }
             continue;
         }
         let add = BitmapAction::Add {
