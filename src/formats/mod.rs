@@ -4,6 +4,7 @@
 //! [`open`] probes the format (like qemu-img) and opens backing chains; [`create`] makes a new
 //! image from `-o` options.
 
+pub mod entropy;
 pub mod measure;
 pub mod options;
 pub mod qcow2;
