@@ -58,6 +58,8 @@ struct Pass<'a> {
     rebuild: bool,
     snaps: Vec<SnapEntry>,
     snapshots_size: u64,
+    /// `-r all`: L2 entries are repaired while they are walked.
+    fix_errors: bool,
 }
 
 fn be64(b: &[u8], i: usize) -> u64 {
@@ -248,14 +250,21 @@ impl Pass<'_> {
                         format!("ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."),
                     );
                 } else {
-                    // Repair by turning the entry into a plain zero cluster is not
-                    // implemented; it stays a corruption.
+                    let word = if self.fix_errors {
+                        "Repairing"
+                    } else {
+                        "ERROR"
+                    };
                     self.note(
                         "unaligned",
                         None,
                         Some(off),
-                        format!("ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."),
+                        format!("{word} offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."),
                     );
+                    if self.fix_errors && self.zero_l2_entry(l2_offset, i, bm) {
+                        // its cluster is no longer referenced (and leaks)
+                        continue;
+                    }
                 }
             }
             if frag {
@@ -270,6 +279,40 @@ impl Pass<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Rewrites L2 entry `i` of the table at `l2_offset` as a zero cluster without a host
+    /// cluster (with subclusters: the allocated ones read as zero), on disk at once, as
+    /// qemu's check repairs a preallocated cluster at an unaligned offset. True if written.
+    fn zero_l2_entry(&mut self, l2_offset: u64, i: usize, bm: u64) -> bool {
+        let es = self.l2_entry_size();
+        let mut buf = Vec::with_capacity(es as usize);
+        if self.q.ext_l2 {
+            buf.extend_from_slice(&0u64.to_be_bytes());
+            let zeroes = (bm | (bm << 32)) & !BITMAP_ALL_ALLOC;
+            buf.extend_from_slice(&zeroes.to_be_bytes());
+        } else {
+            buf.extend_from_slice(&OFLAG_ZERO.to_be_bytes());
+        }
+        let at = l2_offset + i as u64 * es;
+        match self
+            .q
+            .file
+            .write_at(&buf, at)
+            .and_then(|_| self.q.file.sync())
+        {
+            Ok(()) => {
+                self.res.corruptions -= 1;
+                self.res.corruptions_fixed += 1;
+                true
+            }
+            Err(e) => {
+                self.res.check_errors += 1;
+                let msg = format!("ERROR: Failed to update L2 table entry: {}", errno_text(&e));
+                self.note("check-error", None, Some(at), msg);
+                false
+            }
+        }
     }
 
     fn check_l1(&mut self, l1_offset: u64, l1_size: u32, frag: bool) -> Result<()> {
@@ -406,6 +449,7 @@ impl Pass<'_> {
     }
 
     fn calculate(&mut self, stored: &Stored, fix: Option<RepairMode>) -> Result<()> {
+        self.fix_errors = fix == Some(RepairMode::All);
         let cs = self.cs();
         self.inc(0, cs)?;
         self.check_l1(self.hdr.l1_table_offset, self.hdr.l1_size, true)?;
@@ -518,42 +562,113 @@ impl Stored {
     }
 }
 
-/// Reads the snapshot table as the check does: Err(message) for a table that cannot be
-/// read at all.
+/// Why the snapshot table cannot be read at all.
+struct SnapTableError {
+    message: String,
+    /// Beyond qemu's limits (qemu's check fails with EFBIG), not merely unreadable (EIO).
+    too_large: bool,
+}
+
+impl SnapTableError {
+    fn io(message: impl Into<String>) -> Self {
+        SnapTableError {
+            message: message.into(),
+            too_large: false,
+        }
+    }
+
+    fn too_large(message: String) -> Self {
+        SnapTableError {
+            message,
+            too_large: true,
+        }
+    }
+}
+
+/// A line of `-r all` about the snapshot table.
+fn repair_note(message: String) -> Finding {
+    Finding {
+        kind: "snapshot".into(),
+        cluster: None,
+        offset: None,
+        message,
+        repaired: true,
+    }
+}
+
+/// The snapshot table as the check reads it.
+struct SnapTable {
+    entries: Vec<SnapEntry>,
+    /// Its length in bytes (extra data cut off included).
+    size: u64,
+    /// Repairing: entries whose extra data is cut to 1 KiB (index, its length).
+    cut: Vec<(u32, u64)>,
+    /// Repairing: snapshots left out at the end (the table would be too big).
+    dropped: u32,
+}
+
+/// Reads the snapshot table as the check does (`repair`: as `-r all` does, which keeps
+/// what it can): Err for a table that cannot be read at all.
 fn read_snap_table(
     q: &Qcow2,
     hdr: &Header,
     flen: u64,
-) -> std::result::Result<(Vec<SnapEntry>, u64), String> {
-    let mut out = Vec::new();
+    repair: bool,
+) -> std::result::Result<SnapTable, SnapTableError> {
+    let mut t = SnapTable {
+        entries: Vec::new(),
+        size: 0,
+        cut: Vec::new(),
+        dropped: 0,
+    };
     let start = hdr.snapshots_offset;
     let mut off = start;
+    // the table's length as qemu limits it: with cut extra data counted as cut
+    let mut kept_len = 0u64;
     for i in 0..hdr.nb_snapshots {
         let mut e = [0u8; 40];
         if off + 40 > flen {
-            return Err("Could not read snapshot table: Input/output error".into());
+            return Err(SnapTableError::io(
+                "Could not read snapshot table: Input/output error",
+            ));
         }
         q.file
             .read_at(&mut e, off)
-            .map_err(|e| e.message().to_string())?;
+            .map_err(|e| SnapTableError::io(e.message()))?;
         let id_len = u16::from_be_bytes([e[12], e[13]]) as u64;
         let name_len = u16::from_be_bytes([e[14], e[15]]) as u64;
         let extra_len = u32::from_be_bytes(e[36..40].try_into().unwrap()) as u64;
         if extra_len > 1024 {
-            return Err(header::snapshot_extra_message(i));
+            if !repair {
+                return Err(SnapTableError::too_large(header::snapshot_extra_message(i)));
+            }
+            t.cut.push((i, extra_len));
         }
         let total = 40 + extra_len + id_len + name_len;
-        if off + total - start > 1024 * header::MAX_SNAPSHOTS {
-            return Err(header::snapshot_table_message(hdr.nb_snapshots - i));
+        kept_len = kept_len.div_ceil(8) * 8 + 40 + extra_len.min(1024) + id_len + name_len;
+        if kept_len > 1024 * header::MAX_SNAPSHOTS {
+            if !repair {
+                return Err(SnapTableError::too_large(header::snapshot_table_message(
+                    hdr.nb_snapshots - i,
+                )));
+            }
+            if t.cut.last().is_some_and(|c| c.0 == i) {
+                t.cut.pop();
+            }
+            t.dropped = hdr.nb_snapshots - i;
+            break;
         }
-        if off + total > flen {
-            return Err("Could not read snapshot table: Input/output error".into());
+        // repairing, what lies beyond the end of the file reads as zeroes (as in qemu)
+        if off + total > flen && !repair {
+            return Err(SnapTableError::io(
+                "Could not read snapshot table: Input/output error",
+            ));
         }
         let mut strs = vec![0u8; (id_len + name_len) as usize];
         q.file
             .read_at(&mut strs, off + 40 + extra_len)
-            .map_err(|e| e.message().to_string())?;
-        out.push(SnapEntry {
+            .map_err(|e| SnapTableError::io(e.message()))?;
+        t.entries.push(SnapEntry {
             l1_offset: be64(&e, 0),
             l1_size: u32::from_be_bytes(e[8..12].try_into().unwrap()),
             id: String::from_utf8_lossy(&strs[..id_len as usize]).into_owned(),
@@ -562,7 +677,8 @@ fn read_snap_table(
         });
         off += total.div_ceil(8) * 8;
     }
-    Ok((out, off - start))
+    t.size = off - start;
+    Ok(t)
 }
 
 fn errno_text(e: &Error) -> String {
@@ -616,18 +732,50 @@ impl Qcow2 {
         }
         // -r all completes snapshot table entries with less extra data than a v3 image needs
         // (qemu rewrites the table with the VM state size, the current disk size and no
-        // icount)
+        // icount), cuts extra data beyond 1 KiB and leaves out the snapshots that make the
+        // table too big (its refcount check then frees what they held)
         let mut completed = Vec::new();
+        let mut notes: Vec<Finding> = Vec::new();
+        let (mut cut, mut dropped) = (0u64, 0u64);
         if fix == Some(RepairMode::All) && self.writable {
-            let hdr = Header::read_mode(&self.file, true)?;
-            if hdr.version >= 3 && hdr.nb_snapshots > 0 {
-                if let Ok((snaps, _)) = read_snap_table(self, &hdr, self.file.len()?) {
-                    completed = (0..snaps.len())
-                        .filter(|&i| snaps[i].extra_len < 16)
-                        .collect();
+            let mut hdr = Header::read_mode(&self.file, true)?;
+            let nb = hdr.nb_snapshots as u64;
+            if nb > header::MAX_SNAPSHOTS {
+                dropped = nb - header::MAX_SNAPSHOTS;
+                notes.push(repair_note(format!(
+                    "Discarding {dropped} overhanging snapshots"
+                )));
+                hdr.nb_snapshots = header::MAX_SNAPSHOTS as u32;
+            }
+            if hdr.nb_snapshots > 0 {
+                if let Ok(t) = read_snap_table(self, &hdr, self.file.len()?, true) {
+                    for &(i, len) in &t.cut {
+                        notes.push(repair_note(format!(
+                            "Discarding too much extra metadata in snapshot table entry {i} ({len} > 1024)"
+                        )));
+                    }
+                    cut = t.cut.len() as u64;
+                    if t.dropped > 0 {
+                        notes.push(repair_note(format!(
+                            "Discarding {} overhanging snapshots (snapshot table is too big)",
+                            t.dropped
+                        )));
+                        dropped += t.dropped as u64;
+                    }
+                    if hdr.version >= 3 {
+                        completed = (0..t.entries.len())
+                            .filter(|&i| t.entries[i].extra_len < 16)
+                            .collect();
+                    }
                 }
             }
-            if !completed.is_empty() {
+            if dropped > 0 {
+                // the header counts the snapshots kept before the refcounts are checked
+                let kept = (nb - dropped) as u32;
+                self.file.write_at(&kept.to_be_bytes(), 60)?;
+                self.file.sync()?;
+            }
+            if !completed.is_empty() && cut == 0 {
                 let list = super::snapshot::read_table(self)?;
                 let size = self.current_size()?;
                 self.start_write(&mut m)?;
@@ -637,17 +785,14 @@ impl Qcow2 {
         }
         let mut r = self.check_locked(fix);
         if let Ok(rep) = &mut r {
-            let mut notes: Vec<Finding> = completed
-                .iter()
-                .map(|i| Finding {
-                    kind: "snapshot".into(),
-                    cluster: None,
-                    offset: None,
-                    message: format!("Repairing snapshot table entry {i} is incomplete"),
-                    repaired: true,
-                })
-                .collect();
-            rep.corruptions_fixed += completed.len() as u64;
+            notes.extend(completed.iter().map(|i| Finding {
+                kind: "snapshot".into(),
+                cluster: None,
+                offset: None,
+                message: format!("Repairing snapshot table entry {i} is incomplete"),
+                repaired: true,
+            }));
+            rep.corruptions_fixed += completed.len() as u64 + cut + dropped;
             notes.append(&mut rep.findings);
             rep.findings = notes;
         }
@@ -656,6 +801,25 @@ impl Qcow2 {
             let mut fresh = Meta::load(&self.file, &hdr)?;
             fresh.write_started = m.write_started && fresh.incompat == m.incompat;
             *m = fresh;
+        }
+        if let (Ok(rep), true) = (&mut r, cut > 0) {
+            // the table is written anew without the extra data cut off (after the refcount
+            // check, which counted the old table whole)
+            let written = super::snapshot::read_table_repair(self).and_then(|(list, _)| {
+                let size = self.current_size()?;
+                self.start_write(&mut m)?;
+                self.rewrite_snapshot_table(&mut m, &list, size)?;
+                self.flush_meta(&mut m)
+            });
+            if let Err(e) = written {
+                rep.check_errors += 1;
+                rep.corruptions_fixed -= cut;
+                rep.corruptions += cut;
+                rep.findings.push(repair_note(format!(
+                    "ERROR failed to update snapshot table: {}",
+                    errno_text(&e)
+                )));
+            }
         }
         match r {
             Ok(rep) => Ok(rep),
@@ -680,7 +844,14 @@ impl Qcow2 {
         }
     }
 
-    fn new_pass(&self, hdr: &Header, findings: &mut Vec<Finding>) -> Result<Pass<'_>> {
+    /// A pass over the image as `hdr` describes it (`repair`: `-r all`, which reads a
+    /// snapshot table with too much extra data).
+    fn new_pass(
+        &self,
+        hdr: &Header,
+        findings: &mut Vec<Finding>,
+        repair: bool,
+    ) -> Result<Pass<'_>> {
         let flen = self.file.len()?;
         let nb = flen.div_ceil(self.cs);
         if nb > MAX_CHECK_CLUSTERS {
@@ -720,23 +891,21 @@ impl Qcow2 {
             };
             return Err(Error::invalid_image(format!("Check failed: {errno}")));
         }
-        let (snaps, snapshots_size) = match read_snap_table(self, hdr, flen) {
-            Ok(v) => v,
-            Err(msg) => {
+        let (snaps, snapshots_size) = match read_snap_table(self, hdr, flen, repair) {
+            Ok(t) => (t.entries, t.size),
+            Err(e) => {
                 findings.push(Finding {
                     kind: "snapshot".into(),
                     cluster: None,
                     offset: Some(hdr.snapshots_offset),
                     message: format!(
-                        "{}: ERROR failed to read the snapshot table: {msg}",
-                        prog_name()
+                        "{}: ERROR failed to read the snapshot table: {}",
+                        prog_name(),
+                        e.message
                     ),
                     repaired: false,
                 });
-                // qemu fails these with EFBIG
-                let errno = if msg.starts_with("Too much extra")
-                    || msg.starts_with("Snapshot table is too big")
-                {
+                let errno = if e.too_large {
                     "File too large"
                 } else {
                     "Input/output error"
@@ -767,6 +936,7 @@ impl Qcow2 {
             rebuild: false,
             snaps,
             snapshots_size,
+            fix_errors: false,
         })
     }
 
@@ -846,7 +1016,8 @@ impl Qcow2 {
         findings: &mut Vec<Finding>,
     ) -> Result<CheckReport> {
         let hdr = Header::read_mode(&self.file, true)?;
-        let mut p = self.new_pass(&hdr, findings)?;
+        let repair = fix == Some(RepairMode::All);
+        let mut p = self.new_pass(&hdr, findings, repair)?;
         let mut stored = Stored::load(self, &hdr)?;
         let calc = p.calculate(&stored, fix);
         findings.append(&mut p.res.findings.clone());
@@ -876,14 +1047,14 @@ impl Qcow2 {
             }
             // recount against the new structure
             let hdr2 = Header::read_mode(&self.file, true)?;
-            let mut p2 = self.new_pass(&hdr2, findings)?;
+            let mut p2 = self.new_pass(&hdr2, findings, repair)?;
             p2.res.findings = kept;
             let mut stored2 = Stored::load(self, &hdr2)?;
             p2.calculate(&stored2, None)?;
             // the old structure is leaked now: free it quietly
             let mut tmp = Pass {
                 res: CheckReport::default(),
-                ..self.new_pass(&hdr2, findings)?
+                ..self.new_pass(&hdr2, findings, repair)?
             };
             tmp.refs = p2.refs.clone();
             highest = self.compare(&mut tmp, &mut stored2, Some(RepairMode::Leaks))?;
@@ -1163,7 +1334,7 @@ fn ranges_overlap(a: u64, al: u64, b: u64, bl: u64) -> bool {
 }
 
 /// The program name as invoked (qemu-img prefixes some check messages with it).
-fn prog_name() -> String {
+pub(crate) fn prog_name() -> String {
     std::env::args()
         .next()
         .map(|a| a.rsplit('/').next().unwrap_or("diskit").to_string())

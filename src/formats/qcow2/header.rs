@@ -184,9 +184,7 @@ pub fn validate_table(
         return Err(Error::too_large(format!("{name} too large")));
     }
     if (i64::MAX as u64) - entries * entry_len < offset || offset % cluster_size != 0 {
-        return Err(Error::invalid_image(format!(
-            "{name} offset invalid ({offset:#x})"
-        )));
+        return Err(Error::invalid_image(format!("{name} offset invalid")));
     }
     Ok(())
 }
@@ -703,16 +701,10 @@ pub fn read_snapshots(file: &HostFile, h: &Header) -> Result<Vec<Snapshot>> {
         file.read_at(&mut extra, off + 40)?;
         let mut strs = vec![0u8; (id_len + name_len) as usize];
         file.read_at(&mut strs, off + 40 + extra_len)?;
+        // their L1 tables are checked where they are used, as qemu does: an image with one
+        // broken snapshot still opens
         let l1_table_offset = be64(&e, 0);
         let l1_size = be32(&e, 8);
-        validate_table(
-            "Snapshot L1 table",
-            l1_table_offset,
-            l1_size as u64,
-            8,
-            MAX_L1_BYTES,
-            h.cluster_size(),
-        )?;
         let mut s = Snapshot {
             l1_table_offset,
             l1_size,

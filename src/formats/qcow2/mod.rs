@@ -241,8 +241,15 @@ impl Qcow2 {
             }
         }
         if writable && !check_mode && q.hdr.incompatible & header::INCOMPAT_DIRTY != 0 {
-            // qemu repairs a dirty (lazy refcounts) image before writing to it
-            match q.check_image(Some(crate::formats::RepairMode::All)) {
+            // qemu repairs a dirty (lazy refcounts) image before writing to it, and says
+            // what it repairs as its check does
+            let res = q.check_image(Some(crate::formats::RepairMode::All));
+            if let Ok(r) = &res {
+                r.findings
+                    .iter()
+                    .for_each(|f| crate::warn::emit(&f.message));
+            }
+            match res {
                 Ok(r) if r.check_errors == 0 => {}
                 Ok(_) => {
                     return Err(Error::corrupt(format!(

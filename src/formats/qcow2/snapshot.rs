@@ -86,6 +86,17 @@ fn table_location(q: &Qcow2) -> Result<(u64, u64)> {
 
 /// Reads the snapshot table as it is on disk; also returns its byte length.
 pub(crate) fn read_table_sized(q: &Qcow2) -> Result<(Vec<SnapEntry>, u64)> {
+    read_table_impl(q, false)
+}
+
+/// The snapshot table as `check -r all` repairs it (qemu's reading in repair mode): extra
+/// data beyond 1 KiB is cut off (the byte length still spans it), and the snapshots from
+/// the first one that makes the table too big on are left out.
+pub(crate) fn read_table_repair(q: &Qcow2) -> Result<(Vec<SnapEntry>, u64)> {
+    read_table_impl(q, true)
+}
+
+fn read_table_impl(q: &Qcow2, repair: bool) -> Result<(Vec<SnapEntry>, u64)> {
     let (nb, table_off) = table_location(q)?;
     let mut out = Vec::new();
     if nb == 0 {
@@ -110,7 +121,7 @@ pub(crate) fn read_table_sized(q: &Qcow2) -> Result<(Vec<SnapEntry>, u64)> {
         let mut h = [0u8; 40];
         q.file.read_at(&mut h, pos)?;
         let extra_len = be32(&h, 36);
-        if extra_len > MAX_EXTRA {
+        if extra_len > MAX_EXTRA && !repair {
             return Err(Error::too_large(super::header::snapshot_extra_message(
                 i as u32,
             )));
@@ -118,19 +129,28 @@ pub(crate) fn read_table_sized(q: &Qcow2) -> Result<(Vec<SnapEntry>, u64)> {
         let id_len = be16(&h, 12);
         let name_len = be16(&h, 14);
         let total = 40 + extra_len + id_len + name_len;
-        if off + total > MAX_TABLE_BYTES {
+        if off + 40 + extra_len.min(MAX_EXTRA) + id_len + name_len > MAX_TABLE_BYTES {
+            if repair {
+                // the rest is dropped (qemu counts the kept extra data only)
+                break;
+            }
             return Err(Error::too_large("Snapshot table too large"));
         }
-        if pos + total > flen {
+        // repairing, what lies beyond the end of the file reads as zeroes (as in qemu)
+        if pos + total > flen && !repair {
             return Err(Error::invalid_image(format!(
                 "{}: snapshot table at offset {table_off:#x} is beyond the end of the file",
                 q.filename
             )));
         }
-        let mut rest = vec![0u8; (total - 40) as usize];
-        q.file.read_at(&mut rest, pos + 40)?;
-        let extra = &rest[..extra_len as usize];
-        let strs = &rest[extra_len as usize..];
+        // the extra data kept (all of it unless repairing), then the strings after all of it
+        let kept = extra_len.min(MAX_EXTRA);
+        let mut rest = vec![0u8; (kept + id_len + name_len) as usize];
+        q.file.read_at(&mut rest[..kept as usize], pos + 40)?;
+        q.file
+            .read_at(&mut rest[kept as usize..], pos + 40 + extra_len)?;
+        let extra = &rest[..kept as usize];
+        let strs = &rest[kept as usize..];
         let mut e = SnapEntry {
             l1_table_offset: be64(&h, 0),
             l1_size: be32(&h, 8) as u32,
@@ -144,30 +164,46 @@ pub(crate) fn read_table_sized(q: &Qcow2) -> Result<(Vec<SnapEntry>, u64)> {
             icount: u64::MAX,
             unknown_extra: Vec::new(),
         };
-        if extra_len >= 8 {
+        if kept >= 8 {
             e.vm_state_size = be64(extra, 0);
         }
-        if extra_len >= 16 {
+        if kept >= 16 {
             e.disk_size = Some(be64(extra, 8));
         }
-        if extra_len >= 24 {
+        if kept >= 24 {
             e.icount = be64(extra, 16);
         }
-        if extra_len > 24 {
+        if kept > 24 {
             e.unknown_extra = extra[24..].to_vec();
         }
-        super::header::validate_table(
-            "Snapshot L1 table",
-            e.l1_table_offset,
-            e.l1_size as u64,
-            8,
-            super::header::MAX_L1_BYTES,
-            q.cs,
-        )?;
         off += total;
         out.push(e);
     }
     Ok((out, off))
+}
+
+impl SnapEntry {
+    /// qemu's check of the snapshot's L1 table offset and size, made before the table is
+    /// used (the table is read without it, as qemu reads it).
+    pub(crate) fn validate_l1(&self, cluster_size: u64) -> Result<()> {
+        super::header::validate_table(
+            "Snapshot L1 table",
+            self.l1_table_offset,
+            self.l1_size as u64,
+            8,
+            super::header::MAX_L1_BYTES,
+            cluster_size,
+        )
+    }
+}
+
+/// The errno text qemu reports for a failed [`SnapEntry::validate_l1`].
+pub(crate) fn validate_errno(e: &Error) -> &'static str {
+    if e.kind() == ErrorKind::TooLarge {
+        "File too large"
+    } else {
+        "Invalid argument"
+    }
 }
 
 /// Reads the snapshot table as it is on disk.
@@ -318,7 +354,8 @@ impl Qcow2 {
         list: &[SnapEntry],
         size: u64,
     ) -> Result<()> {
-        let (_, old_len) = read_table_sized(self)?;
+        // all the old table's bytes, extra data that does not stay included
+        let (_, old_len) = read_table_repair(self)?;
         let (_, old_off) = table_location(self)?;
         let raw = encode_table(list, size)?;
         let new_off = if raw.is_empty() {
@@ -438,6 +475,13 @@ impl Qcow2 {
             return Err(fail("Failed to load snapshot: No such file or directory"));
         };
         let sn = list[i].clone();
+        if let Err(e) = sn.validate_l1(self.cs) {
+            crate::warn::emit(&format!("{}: {}", super::check::prog_name(), e.message()));
+            let errno = validate_errno(&e);
+            return Err(e.with_message(format!(
+                "Could not apply snapshot '{id_or_name}': Failed to load snapshot: {errno}"
+            )));
+        }
         let size = self.current_size()?;
         let mut m = self.meta.lock().unwrap();
         self.start_write(&mut m)?;
@@ -491,6 +535,10 @@ impl Qcow2 {
         };
         if self.has_data_file {
             return Err(enotsup("delete", name));
+        }
+        if let Err(e) = list[i].validate_l1(self.cs) {
+            let msg = format!("Could not delete snapshot '{name}': {}", e.message());
+            return Err(e.with_message(msg));
         }
         let sn = list.remove(i);
         let size = self.current_size()?;
