@@ -28,6 +28,9 @@ enum Mode {
 pub struct Progress {
     mode: Mode,
     min_skip: f64,
+    /// Print 0% again when told 0% again (qemu-img does; convert's engine reports its
+    /// start once more than qemu-img's copy loop, so it does not).
+    repeat_zero: bool,
     state: Mutex<(f64, f64)>, // (current, last printed)
     start: Instant,
 }
@@ -64,9 +67,16 @@ impl Progress {
         Progress {
             mode,
             min_skip,
+            repeat_zero: false,
             state: Mutex::new((0.0, -1.0)),
             start: Instant::now(),
         }
+    }
+
+    /// Prints every 0% it is told, as qemu-img's progress does.
+    pub fn repeating_zero(mut self) -> Progress {
+        self.repeat_zero = true;
+        self
     }
 
     /// Reports `done` of `total` bytes.
@@ -85,8 +95,10 @@ impl Progress {
                 }
             }
             Mode::Text => {
-                if pct >= st.1 + self.min_skip || pct == 100.0 || pct == 0.0 {
-                    if pct == 0.0 && st.1 == 0.0 {
+                // a step back too (amend's projected totals can shrink), as qemu-img
+                let moved = pct >= st.1 + self.min_skip || pct < st.1 - self.min_skip;
+                if moved || pct == 100.0 || pct == 0.0 {
+                    if pct == 0.0 && st.1 == 0.0 && !self.repeat_zero {
                         return;
                     }
                     st.1 = pct;

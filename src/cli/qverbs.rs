@@ -3,6 +3,7 @@
 
 use std::io::Write;
 
+use super::progress::Progress;
 use super::{human, prog, CliError, VerbResult};
 use crate::formats::Format;
 use crate::ops;
@@ -286,13 +287,17 @@ pub fn amend(argv: &[String]) -> VerbResult {
         l("image-opts", false, "image-opts"),
         l("force", false, "force"),
     ];
-    let (opts, mut files) = getopt("amend", argv, &spec)?;
+    let (opts, files) = getopt("amend", argv, &spec)?;
     let image_opts = opts.iter().any(|(k, _)| *k == "image-opts");
     let mut options: Option<crate::formats::CreateOpts> = None;
     let mut format = None;
     let mut force = false;
+    let mut progress = false;
+    let mut quiet = false;
     for (k, v) in opts {
         match k {
+            "p" => progress = true,
+            "q" => quiet = true,
             "h" => {
                 println!("Usage: {} amend [--object OBJDEF] [--image-opts] [-p] [-q] [-f FMT] [-t CACHE] [--force] -o OPTIONS FILENAME", prog());
                 return Ok(0);
@@ -309,6 +314,21 @@ pub fn amend(argv: &[String]) -> VerbResult {
     let Some(options) = options else {
         return Err(CliError::Usage("Must specify options (-o)".into(), "amend"));
     };
+    // from here on qemu-img ends its progress line (a newline) whatever happens
+    let bar = Progress::new(progress && !quiet, false, 1.0).repeating_zero();
+    let r = amend_image(&bar, options, format, force, image_opts, files);
+    bar.finish();
+    r
+}
+
+fn amend_image(
+    bar: &Progress,
+    options: crate::formats::CreateOpts,
+    mut format: Option<String>,
+    force: bool,
+    image_opts: bool,
+    mut files: Vec<String>,
+) -> VerbResult {
     if let (Some(f), true) = (&format, options.wants_help()) {
         let fmt = Format::from_name(f)
             .map_err(|_| CliError::Msg(format!("Unknown file format '{f}'")))?;
@@ -334,6 +354,15 @@ pub fn amend(argv: &[String]) -> VerbResult {
         return print_amend_help(fmt);
     }
     let o = ops::amend::AmendOptions { format, force };
-    ops::amend::amend(file, &options, &o)?;
+    // qemu-img shows 0% once the options are accepted, and 100% after the work, done or not
+    let started = std::cell::Cell::new(false);
+    let r = ops::amend::amend_with_progress(file, &options, &o, &|done, total| {
+        started.set(true);
+        bar.report(done, total)
+    });
+    if started.get() {
+        bar.report(1, 1);
+    }
+    r?;
     Ok(0)
 }

@@ -14,6 +14,16 @@ pub struct AmendOptions {
 
 /// Amends `filename` with the `-o` options `opts`.
 pub fn amend(filename: &str, opts: &CreateOpts, o: &AmendOptions) -> Result<()> {
+    amend_with_progress(filename, opts, o, &|_, _| {})
+}
+
+/// [`amend`], reporting (done, total) work units to `progress` as qemu counts them.
+pub fn amend_with_progress(
+    filename: &str,
+    opts: &CreateOpts,
+    o: &AmendOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<()> {
     let img = formats::open(
         filename,
         &OpenOptions {
@@ -29,7 +39,7 @@ pub fn amend(filename: &str, opts: &CreateOpts, o: &AmendOptions) -> Result<()> 
             "Format driver '{fmt}' does not support option amendment"
         )));
     }
-    formats::qcow2::amend::amend(filename, opts, &OpenOptions::default())
+    formats::qcow2::amend::amend_with_progress(filename, opts, &OpenOptions::default(), progress)
 }
 
 /// Does `fmt` support amend? (`Format driver '...' does not support option amendment`)

@@ -116,10 +116,77 @@ pub fn check_opts(opts: &CreateOpts) -> Result<()> {
     Ok(())
 }
 
+/// Progress over the operations of one amend, counted as qemu counts it: each operation
+/// (upgrade, refcount width, downgrade) reports its own (offset, work size); the total is
+/// projected from the operations seen so far, so that the callback's `done / total` gives
+/// qemu-img's percentages.
+struct AmendProgress<'a> {
+    cb: &'a dyn Fn(u64, u64),
+    total_ops: u64,
+    ops_done: u64,
+    offset_done: u64,
+    current: u8,
+    last: u8,
+    last_size: u64,
+}
+
+impl<'a> AmendProgress<'a> {
+    fn new(cb: &'a dyn Fn(u64, u64), total_ops: u64) -> Self {
+        AmendProgress {
+            cb,
+            total_ops,
+            ops_done: 0,
+            offset_done: 0,
+            current: 0,
+            last: 0,
+            last_size: 0,
+        }
+    }
+
+    /// The next operation (a nonzero id) begins.
+    fn begin(&mut self, op: u8) {
+        self.current = op;
+    }
+
+    /// The current operation has done `offset` of `size`.
+    fn report(&mut self, offset: u64, size: u64) {
+        if self.current != self.last {
+            if self.last != 0 {
+                self.offset_done += self.last_size;
+                self.ops_done += 1;
+            }
+            self.last = self.current;
+        }
+        if self.ops_done >= self.total_ops {
+            return;
+        }
+        self.last_size = size;
+        let cur = self.offset_done + size;
+        let projected = cur * (self.total_ops - self.ops_done - 1) / (self.ops_done + 1);
+        (self.cb)(self.offset_done + offset, cur + projected);
+    }
+}
+
+const OP_UPGRADE: u8 = 1;
+const OP_REFCOUNT: u8 = 2;
+const OP_DOWNGRADE: u8 = 3;
+
 /// Amends `filename` (a qcow2 image) with `opts`.
 pub fn amend(filename: &str, opts: &CreateOpts, base: &OpenOptions) -> Result<()> {
+    amend_with_progress(filename, opts, base, &|_, _| {})
+}
+
+/// [`amend`], reporting (done, total) work units to `progress` as it goes.
+pub fn amend_with_progress(
+    filename: &str,
+    opts: &CreateOpts,
+    base: &OpenOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<()> {
     check_opts(opts)?;
     let q = open_rw(filename, base)?;
+    // the options parse: qemu-img's progress starts (the driver checks them from here on)
+    progress(0, 1);
     let h = Header::read(&q.file)?;
     let old_version = h.version;
     let mut new_version = old_version;
@@ -172,8 +239,15 @@ pub fn amend(filename: &str, opts: &CreateOpts, base: &OpenOptions) -> Result<()
     let new_size = opts.get_size("size")?.unwrap_or(0);
     drop(q);
 
+    let ops = (new_version != old_version) as u64 + (refcount_bits != cur_bits) as u64;
+    let mut prog = AmendProgress::new(progress, ops);
     if new_version > old_version {
+        prog.begin(OP_UPGRADE);
+        prog.report(0, 2);
         upgrade(filename, base)?;
+        // (qemu reports the snapshot table update and the header write)
+        prog.report(1, 2);
+        prog.report(2, 2);
     }
     if refcount_bits != cur_bits {
         if new_version < 3 && refcount_bits != 16 {
@@ -181,7 +255,10 @@ pub fn amend(filename: &str, opts: &CreateOpts, base: &OpenOptions) -> Result<()
                 "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
             ));
         }
+        prog.begin(OP_REFCOUNT);
+        prog.report(0, 1);
         change_refcount_order(filename, base, refcount_bits.trailing_zeros())?;
+        prog.report(1, 1);
     }
     {
         let q = open_rw(filename, base)?;
@@ -230,7 +307,8 @@ pub fn amend(filename: &str, opts: &CreateOpts, base: &OpenOptions) -> Result<()
         q.close()?;
     }
     if new_version < old_version {
-        downgrade(filename, base)?;
+        prog.begin(OP_DOWNGRADE);
+        downgrade(filename, base, &mut prog)?;
     }
     Ok(())
 }
@@ -262,7 +340,7 @@ fn upgrade(filename: &str, base: &OpenOptions) -> Result<()> {
     q.close()
 }
 
-fn downgrade(filename: &str, base: &OpenOptions) -> Result<()> {
+fn downgrade(filename: &str, base: &OpenOptions, prog: &mut AmendProgress) -> Result<()> {
     let q = open_rw(filename, base)?;
     let h = Header::read(&q.file)?;
     if h.refcount_order != 4 {
@@ -291,28 +369,15 @@ fn downgrade(filename: &str, base: &OpenOptions) -> Result<()> {
     }
     {
         let mut m = q.meta.lock().unwrap();
-        // zero clusters in snapshots would need copies of shared tables
-        for s in &list {
-            let mut raw = vec![0u8; s.l1_size as usize * 8];
-            q.file.read_at(&mut raw, s.l1_table_offset)?;
-            for c in raw.chunks_exact(8) {
-                let l2 = u64::from_be_bytes(c.try_into().unwrap()) & L1E_OFFSET_MASK;
-                if l2 == 0 {
-                    continue;
-                }
-                for (w, _) in q.l2_entries_of(&mut m, l2)? {
-                    if w & OFLAG_ZERO != 0 && w & OFLAG_COMPRESSED == 0 {
-                        return Err(Error::unsupported(
-                            "Cannot downgrade: an internal snapshot has zero clusters (not supported by diskit)",
-                        ));
-                    }
-                }
-            }
-        }
         q.start_write(&mut m)?;
         let l1_len = m.l1.len() as u64;
+        // progress: L1 entries visited, the active table's and every snapshot's
+        let total = l1_len + list.iter().map(|s| s.l1_size as u64).sum::<u64>();
+        let mut visited = 0;
         for i in 0..l1_len {
+            visited += 1;
             let Some(l2) = q.l2_table_for_read(&mut m, i)? else {
+                prog.report(visited, total);
                 continue;
             };
             let entries = q.l2_entries_of(&mut m, l2)?;
@@ -331,6 +396,27 @@ fn downgrade(filename: &str, base: &OpenOptions) -> Result<()> {
                     let zeros = vec![0u8; q.cs as usize];
                     q.write_cluster(&mut m, gcl, 0, &zeros)?;
                 }
+            }
+            prog.report(visited, total);
+        }
+        q.flush_meta(&mut m)?;
+        for s in &list {
+            if let Err(e) = s.validate_l1(q.cs) {
+                crate::warn::emit(&format!("{}: {}", super::check::prog_name(), e.message()));
+                let errno = super::snapshot::validate_errno(&e);
+                return Err(
+                    e.with_message(format!("Failed to turn zero into data clusters: {errno}"))
+                );
+            }
+            let mut raw = vec![0u8; s.l1_size as usize * 8];
+            q.file.read_at(&mut raw, s.l1_table_offset)?;
+            for c in raw.chunks_exact(8) {
+                visited += 1;
+                let l2 = u64::from_be_bytes(c.try_into().unwrap()) & L1E_OFFSET_MASK;
+                if l2 != 0 {
+                    q.expand_snapshot_zeroes(&mut m, l2)?;
+                }
+                prog.report(visited, total);
             }
         }
         q.flush_meta(&mut m)?;
@@ -367,6 +453,47 @@ fn downgrade(filename: &str, base: &OpenOptions) -> Result<()> {
     // closed already: dropping writes nothing more
     drop(q);
     Ok(())
+}
+
+impl Qcow2 {
+    /// Makes the zero clusters of a snapshot's L2 table at `l2` plain ones, as qemu's
+    /// downgrade does: without a backing file an unallocated zero cluster becomes
+    /// unallocated; otherwise it gets a cluster of zeroes (with the table's refcount, as
+    /// every image that shares the table references it), and a preallocated one gets zeroes
+    /// written. The table is changed in place (it may be shared: it reads the same after).
+    fn expand_snapshot_zeroes(&self, m: &mut super::tables::Meta, l2: u64) -> Result<()> {
+        if l2 % self.cs != 0 {
+            return Err(self.corrupt_err(format!("L2 table offset {l2:#x} unaligned")));
+        }
+        let l2_refs = self.refcount(m, l2 / self.cs)?;
+        let zeros = vec![0u8; self.cs as usize];
+        for (j, (w, _)) in self.l2_entries_of(m, l2)?.into_iter().enumerate() {
+            if w & OFLAG_ZERO == 0 || w & OFLAG_COMPRESSED != 0 {
+                continue;
+            }
+            let mut host = w & L2E_OFFSET_MASK;
+            if host == 0 {
+                if self.backing.is_none() {
+                    self.l2_set(m, l2, j as u64, 0, 0)?;
+                    continue;
+                }
+                host = self.alloc_clusters(m, 1)?;
+                if l2_refs > 1 {
+                    self.update_refcount(m, host / self.cs, l2_refs as i64 - 1)?;
+                }
+            }
+            self.overlap_check(m, host, self.cs, "data")?;
+            // the zeroes are on disk before any table points at them
+            self.file.write_at(&zeros, host)?;
+            let copied = if self.refcount(m, host / self.cs)? == 1 {
+                super::OFLAG_COPIED
+            } else {
+                0
+            };
+            self.l2_set(m, l2, j as u64, host | copied, 0)?;
+        }
+        Ok(())
+    }
 }
 
 fn set_rc(data: &mut [u8], order: u32, i: u64, v: u64) {
