@@ -26,6 +26,16 @@ fn qcow2_src(d: &Path, name: &str) {
     ));
 }
 
+/// Runs `args` with qemu-img when the last argument (the output) starts with `q`, with
+/// diskit otherwise.
+fn by_output_name(d: &Path, args: &[&str]) -> std::process::Output {
+    if args.last().is_some_and(|o| o.starts_with('q')) {
+        qemu_img(d, args)
+    } else {
+        diskit(d, args)
+    }
+}
+
 /// `qemu-img compare` of two images (exit 0: identical guest content).
 fn same_content(d: &Path, a: &str, b: &str) {
     ok(qemu_img(d, &["compare", a, b]));
@@ -576,12 +586,10 @@ fn compressed_dense_and_n_into_v2_overlay_match_qemu_img() {
         &["write -P 0x22 0 1M", "write -P 0 1M 1M"],
     ));
     for o in ["q.qcow2", "d.qcow2"] {
-        let args = ["convert", "-O", "qcow2", "-c", "-S", "0", "s.qcow2", o];
-        if o.starts_with('q') {
-            ok(qemu_img(d, &args));
-        } else {
-            ok(diskit(d, &args));
-        }
+        ok(by_output_name(
+            d,
+            &["convert", "-O", "qcow2", "-c", "-S", "0", "s.qcow2", o],
+        ));
     }
     same_content(d, "s.qcow2", "d.qcow2");
     assert_eq!(map(d, "d.qcow2"), map(d, "q.qcow2"));
@@ -616,12 +624,10 @@ fn compressed_dense_and_n_into_v2_overlay_match_qemu_img() {
                     "4M",
                 ],
             ));
-            let args = ["convert", "-O", "qcow2", "-n", "z.qcow2", o];
-            if o.starts_with('q') {
-                ok(qemu_img(d, &args));
-            } else {
-                ok(diskit(d, &args));
-            }
+            ok(by_output_name(
+                d,
+                &["convert", "-O", "qcow2", "-n", "z.qcow2", o],
+            ));
         }
         same_content(d, "z.qcow2", "dn.qcow2");
         assert_eq!(map(d, "dn.qcow2"), map(d, "qn.qcow2"), "compat={compat}");

@@ -352,13 +352,11 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                             let to_target = |pos: u64| s.target_offset + (pos - s.start);
                             runs = whole_clusters(&runs, cluster, to_target);
                         }
-                        let data: u64 = runs
-                            .iter()
-                            .filter(|r| r.2 == Status::Data)
-                            .map(|r| r.1)
-                            .sum();
-                        let counted: u64 =
-                            runs.iter().filter(|r| counts(p, r.2)).map(|r| r.1).sum();
+                        let (mut data, mut counted) = (0u64, 0u64);
+                        for r in &runs {
+                            data += if r.2 == Status::Data { r.1 } else { 0 };
+                            counted += if counts(p, r.2) { r.1 } else { 0 };
+                        }
                         let span = group.first().map_or(0, |f| off - f.0);
                         if group_data + data > chunk
                             || group.len() + runs.len() > GROUP_RUNS

@@ -288,6 +288,16 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Whether L2 entry `w` has a data cluster of its own (compressed ones are shared
+    /// bytes); with an external data file, whether its cluster there is allocated.
+    fn has_own_cluster(&self, w: u64) -> bool {
+        if self.has_data_file {
+            w & OFLAG_COPIED != 0
+        } else {
+            w & L2E_OFFSET_MASK != 0 && w & super::OFLAG_COMPRESSED == 0
+        }
+    }
+
     /// Preallocation of a size that ends inside a cluster: the part of that cluster below
     /// the old size keeps what the guest read there (from the backing file, say), the part
     /// above reads as zero. Written once whole, like a copy-on-write; with falloc and full,
@@ -301,12 +311,7 @@ impl Qcow2 {
         let gcl = old >> self.cluster_bits;
         let l2 = self.l2_table_for_write(m, gcl / self.l2_entries)?;
         let (w, bm) = self.l2_get(m, l2, gcl % self.l2_entries)?;
-        let allocated = if self.has_data_file {
-            w & OFLAG_COPIED != 0
-        } else {
-            w & L2E_OFFSET_MASK != 0 && w & super::OFLAG_COMPRESSED == 0
-        };
-        if allocated && !matches!(mode, Prealloc::Falloc | Prealloc::Full) {
+        if self.has_own_cluster(w) && !matches!(mode, Prealloc::Falloc | Prealloc::Full) {
             return Ok(None);
         }
         // with subclusters and metadata preallocation, from the subcluster of the old size
@@ -392,12 +397,7 @@ impl Qcow2 {
         for gcl in first..end {
             let l2 = self.l2_table_for_write(m, gcl / self.l2_entries)?;
             let (w, _) = self.l2_get(m, l2, gcl % self.l2_entries)?;
-            let allocated = if self.has_data_file {
-                w & OFLAG_COPIED != 0
-            } else {
-                w & L2E_OFFSET_MASK != 0 && w & super::OFLAG_COMPRESSED == 0
-            };
-            if !allocated {
+            if !self.has_own_cluster(w) {
                 todo.push(gcl);
             }
         }
