@@ -557,6 +557,49 @@ fn unaligned_preallocated_cluster_is_repaired_like_qemu() {
     }
 }
 
+/// Where the snapshot table entries of an image start.
+fn snapshot_entries(path: &Path) -> Vec<u64> {
+    let b = std::fs::read(path).unwrap();
+    let nb = u32::from_be_bytes(b[60..64].try_into().unwrap());
+    let mut off = rd64(&b, 64);
+    let be16 = |o: u64| u16::from_be_bytes([b[o as usize], b[o as usize + 1]]) as u64;
+    let be32 = |o: u64| u32::from_be_bytes(b[o as usize..o as usize + 4].try_into().unwrap());
+    let mut v = Vec::new();
+    for _ in 0..nb {
+        v.push(off);
+        let len = 40 + be32(off + 36) as u64 + be16(off + 12) + be16(off + 14);
+        off += len.div_ceil(8) * 8;
+    }
+    v
+}
+
+/// Snapshot IDs and names end at a NUL, as qemu reads them (C strings; iotest 261 fills
+/// them with NULs): `snapshot -l`, `info` and `check` show them so.
+#[test]
+fn snapshot_names_end_at_a_nul_like_qemu() {
+    require_qemu!();
+    let t = tmpdir();
+    let d = t.path();
+    base(d, "n.qcow2", &[]);
+    ok(qemu_img(d, &["snapshot", "-c", "abcdef", "n.qcow2"]));
+    let p = d.join("n.qcow2");
+    let off = snapshot_entries(&p)[0];
+    let b = std::fs::read(&p).unwrap();
+    let extra = u32::from_be_bytes(b[off as usize + 36..off as usize + 40].try_into().unwrap());
+    let id_len = u16::from_be_bytes([b[off as usize + 12], b[off as usize + 13]]) as u64;
+    // "ab\0def"
+    poke(&p, off + 40 + extra as u64 + id_len + 2, &[0]);
+    for args in [
+        &["snapshot", "-l", "n.qcow2"][..],
+        &["info", "n.qcow2"],
+        &["info", "--output=json", "n.qcow2"],
+        &["check", "n.qcow2"],
+    ] {
+        same_as_qemu(d, args);
+    }
+    assert!(stdout(&ok(diskit(d, &["snapshot", "-l", "n.qcow2"]))).contains(" ab "));
+}
+
 /// `-r all` cuts a snapshot table entry's extra data of 64 KiB to 1 KiB and writes the
 /// table anew (the refcount check, which counted the old table whole, rebuilds first), in
 /// qemu-img's words and order (iotest 261); the image checks clean afterwards and keeps its
@@ -571,15 +614,7 @@ fn oversized_snapshot_extra_data_is_cut_like_qemu() {
         ok(qemu_img(d, &["snapshot", "-c", sn, "s.qcow2"]));
     }
     let p = d.join("s.qcow2");
-    let b = std::fs::read(&p).unwrap();
-    let nb = u32::from_be_bytes(b[60..64].try_into().unwrap());
-    let mut off = rd64(&b, 64);
-    let be16 = |o: u64| u16::from_be_bytes([b[o as usize], b[o as usize + 1]]) as u64;
-    let be32 = |o: u64| u32::from_be_bytes(b[o as usize..o as usize + 4].try_into().unwrap());
-    for _ in 1..nb {
-        let len = 40 + be32(off + 36) as u64 + be16(off + 12) + be16(off + 14);
-        off += len.div_ceil(8) * 8;
-    }
+    let off = *snapshot_entries(&p).last().unwrap();
     poke(&p, off + 36, &0x10000u32.to_be_bytes());
     same_as_qemu(d, &["check", "s.qcow2"]);
     let (qd, dd) = (d.join("q"), d.join("d"));

@@ -319,6 +319,25 @@ fn measure_matches_qemu_img() {
             "src.qcow2",
         ],
         &["measure", "-O", "raw", "src.qcow2"],
+        // subclusters without a cluster size: 64 KiB, as everywhere (iotest 271)
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "--size",
+            "512M",
+        ],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "--size",
+            "1025T",
+        ],
     ] {
         same_as_qemu(d, args);
     }

@@ -69,9 +69,8 @@ pub fn qcow2_prealloc_size(
 
 fn qcow2(opts: &CreateOpts, size: u64, src: Option<&MeasureSource>) -> Result<Measure> {
     let ext_l2 = opts.get_bool("extended_l2")?.unwrap_or(false);
-    let cluster =
-        opts.get_size("cluster_size")?
-            .unwrap_or(if ext_l2 { 128 << 10 } else { 64 << 10 });
+    // 64 KiB with subclusters too, as create and qemu's measure have it
+    let cluster = opts.get_size("cluster_size")?.unwrap_or(64 << 10);
     if !cluster.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster) {
         return Err(Error::invalid_arg(
             "Cluster size must be a power of two between 512 and 2048k",

@@ -671,8 +671,8 @@ fn read_snap_table(
         t.entries.push(SnapEntry {
             l1_offset: be64(&e, 0),
             l1_size: u32::from_be_bytes(e[8..12].try_into().unwrap()),
-            id: String::from_utf8_lossy(&strs[..id_len as usize]).into_owned(),
-            name: String::from_utf8_lossy(&strs[id_len as usize..]).into_owned(),
+            id: super::header::cstr(&strs[..id_len as usize]),
+            name: super::header::cstr(&strs[id_len as usize..]),
             extra_len: extra_len as u32,
         });
         off += total.div_ceil(8) * 8;
@@ -884,6 +884,18 @@ impl Qcow2 {
                 ),
                 repaired: false,
             });
+            if hdr.nb_snapshots as u64 > header::MAX_SNAPSHOTS {
+                findings.push(Finding {
+                    kind: "snapshot".into(),
+                    cluster: None,
+                    offset: None,
+                    message: format!(
+                        "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                        hdr.nb_snapshots as u64 - header::MAX_SNAPSHOTS
+                    ),
+                    repaired: false,
+                });
+            }
             let errno = if e.kind() == ErrorKind::TooLarge {
                 "File too large"
             } else {

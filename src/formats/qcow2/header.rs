@@ -639,7 +639,8 @@ impl Header {
     }
 }
 
-fn cstr(b: &[u8]) -> String {
+/// A string as C reads it: up to the first NUL (qemu keeps snapshot IDs and names so).
+pub(crate) fn cstr(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
@@ -708,8 +709,8 @@ pub fn read_snapshots(file: &HostFile, h: &Header) -> Result<Vec<Snapshot>> {
         let mut s = Snapshot {
             l1_table_offset,
             l1_size,
-            id: String::from_utf8_lossy(&strs[..id_len as usize]).into_owned(),
-            name: String::from_utf8_lossy(&strs[id_len as usize..]).into_owned(),
+            id: cstr(&strs[..id_len as usize]),
+            name: cstr(&strs[id_len as usize..]),
             date_sec: be32(&e, 16),
             date_nsec: be32(&e, 20),
             vm_clock_nsec: be64(&e, 24),

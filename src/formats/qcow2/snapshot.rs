@@ -106,9 +106,13 @@ fn read_table_impl(q: &Qcow2, repair: bool) -> Result<(Vec<SnapEntry>, u64)> {
         return Err(q.corrupt_err(format!("Too many snapshots ({nb})")));
     }
     let flen = q.file.len()?;
-    let mut off = 0u64;
+    // bytes read so far, and the table's length as qemu limits it (cut extra data counted
+    // as cut)
+    let (mut off, mut kept_len) = (0u64, 0u64);
     for i in 0..nb {
+        let pre = off;
         off = off.div_ceil(8) * 8;
+        kept_len = kept_len.div_ceil(8) * 8;
         let pos = table_off
             .checked_add(off)
             .filter(|p| p.checked_add(40).is_some_and(|e| e <= flen))
@@ -129,9 +133,11 @@ fn read_table_impl(q: &Qcow2, repair: bool) -> Result<(Vec<SnapEntry>, u64)> {
         let id_len = be16(&h, 12);
         let name_len = be16(&h, 14);
         let total = 40 + extra_len + id_len + name_len;
-        if off + 40 + extra_len.min(MAX_EXTRA) + id_len + name_len > MAX_TABLE_BYTES {
+        kept_len += 40 + extra_len.min(MAX_EXTRA) + id_len + name_len;
+        if kept_len > MAX_TABLE_BYTES {
             if repair {
-                // the rest is dropped (qemu counts the kept extra data only)
+                // this snapshot and the rest are dropped
+                off = pre;
                 break;
             }
             return Err(Error::too_large("Snapshot table too large"));
@@ -154,8 +160,8 @@ fn read_table_impl(q: &Qcow2, repair: bool) -> Result<(Vec<SnapEntry>, u64)> {
         let mut e = SnapEntry {
             l1_table_offset: be64(&h, 0),
             l1_size: be32(&h, 8) as u32,
-            id: String::from_utf8_lossy(&strs[..id_len as usize]).into_owned(),
-            name: String::from_utf8_lossy(&strs[id_len as usize..]).into_owned(),
+            id: super::header::cstr(&strs[..id_len as usize]),
+            name: super::header::cstr(&strs[id_len as usize..]),
             date_sec: be32(&h, 16) as u32,
             date_nsec: be32(&h, 20) as u32,
             vm_clock_nsec: be64(&h, 24),
