@@ -643,3 +643,42 @@ fn oversized_snapshot_extra_data_is_cut_like_qemu() {
     assert_eq!(list(&dd), list(&qd));
     assert_eq!(list(&dd).lines().count(), 4);
 }
+
+/// A snapshot whose L1 table offset or size is invalid does not stop the image from
+/// opening (qemu checks a snapshot's L1 table where it is used): `info` and `check` work,
+/// and loading, applying, deleting it or downgrading fail with qemu-img's messages (iotest
+/// 080). A snapshot table beyond the end of the file reads as zeroes, and a full table
+/// refuses one more snapshot as qemu-img does.
+#[test]
+fn broken_snapshot_l1_tables_fail_where_used_like_qemu() {
+    require_qemu!();
+    let t = tmpdir();
+    let d = t.path();
+    for (field, value) in [
+        (0u64, 0x40_0200u64.to_be_bytes().to_vec()),
+        (8, 0x1000_0000u32.to_be_bytes().to_vec()),
+    ] {
+        let _ = std::fs::remove_file(d.join("b.qcow2"));
+        base(d, "b.qcow2", &[]);
+        ok(qemu_img(d, &["snapshot", "-c", "test", "b.qcow2"]));
+        let p = d.join("b.qcow2");
+        let off = snapshot_entries(&p)[0];
+        poke(&p, off + field, &value);
+        same_as_qemu(d, &["info", "b.qcow2"]);
+        same_as_qemu(d, &["check", "b.qcow2"]);
+        same_as_qemu(d, &["convert", "-l", "test", "b.qcow2", "out.raw"]);
+        for args in [
+            &["snapshot", "-a", "test", "b.qcow2"][..],
+            &["snapshot", "-d", "test", "b.qcow2"],
+            &["amend", "-o", "compat=0.10", "b.qcow2"],
+        ] {
+            same_effect_as_qemu(d, &["b.qcow2"], args);
+        }
+    }
+    // 65536 snapshots said to be at 16 MiB, beyond the end of the file
+    base(d, "f.qcow2", &[]);
+    let p = d.join("f.qcow2");
+    poke(&p, 60, &0x1_0000u32.to_be_bytes());
+    poke(&p, 64, &0x100_0000u64.to_be_bytes());
+    same_effect_as_qemu(d, &["f.qcow2"], &["snapshot", "-c", "test", "f.qcow2"]);
+}

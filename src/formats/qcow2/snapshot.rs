@@ -396,6 +396,13 @@ impl Qcow2 {
         if self.has_data_file {
             return Err(enotsup("create", name));
         }
+        // a full table is refused before it is read (it may lie beyond the end of the file:
+        // qemu reads that as zeroes)
+        if table_location(self)?.0 >= super::header::MAX_SNAPSHOTS {
+            return Err(Error::too_large(format!(
+                "Could not create snapshot '{name}': File too large"
+            )));
+        }
         let mut list = read_table(self)?;
         if list.len() as u64 >= super::header::MAX_SNAPSHOTS {
             return Err(Error::too_large(format!(
