@@ -196,20 +196,26 @@ pub fn encode_table(t: &[u32], len: usize) -> Vec<u8> {
 /// Checks the values of a sparse header that bound allocations and arithmetic, with the
 /// messages QEMU uses where it has one.
 pub fn validate_geometry(capacity: u64, grain_sectors: u64, gtes_per_gt: u32) -> Result<u32> {
-    if grain_sectors == 0 {
+    // qemu's checks in its order and words
+    let l1_entry_sectors = gtes_per_gt as u64 * grain_sectors;
+    if l1_entry_sectors == 0 {
+        return Err(Error::invalid_image("L1 entry size is invalid"));
+    }
+    if grain_sectors > 0x20_0000 {
         return Err(Error::invalid_image(
-            "Invalid grain size 0 (L1 entry size is invalid)",
+            "Invalid granularity, image may be corrupt",
         ));
     }
-    // 128 MiB per grain is far beyond anything VMware writes (64 KiB) and bounds the
-    // buffers a compressed grain needs.
+    let l1_size = capacity.div_ceil(l1_entry_sectors);
+    if l1_size > 32 * 1024 * 1024 {
+        return Err(Error::invalid_image("L1 size too big"));
+    }
+    // diskit's own bounds: 128 MiB per grain is far beyond anything VMware writes (64 KiB)
+    // and bounds the buffers a compressed grain needs; the size in bytes must fit an i64
     if grain_sectors > (128 << 20) / SECTOR {
         return Err(Error::invalid_image(format!(
             "Invalid granularity: grain size of {grain_sectors} sectors exceeds 128 MiB, image may be corrupt"
         )));
-    }
-    if gtes_per_gt == 0 {
-        return Err(Error::invalid_image("L1 entry size is invalid"));
     }
     if capacity
         .checked_mul(SECTOR)
@@ -217,13 +223,6 @@ pub fn validate_geometry(capacity: u64, grain_sectors: u64, gtes_per_gt: u32) ->
     {
         return Err(Error::invalid_image(format!(
             "Invalid capacity of {capacity} sectors"
-        )));
-    }
-    let l1_entry_sectors = gtes_per_gt as u64 * grain_sectors;
-    let l1_size = capacity.div_ceil(l1_entry_sectors);
-    if l1_size > 32 * 1024 * 1024 {
-        return Err(Error::invalid_image(format!(
-            "L1 size too big ({l1_size} grain tables for a capacity of {capacity} sectors)"
         )));
     }
     Ok(l1_size as u32)
