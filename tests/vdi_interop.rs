@@ -673,3 +673,18 @@ fn vdi_small_blocks_with_extra_data() {
     // blocks 1, 2, 4 remain (block 1 and 2 rewritten, 3 released): 3 slots of 64 KiB + 512.
     assert_eq!(raw.len(), 0x400 + 3 * (bs as usize + 512));
 }
+
+/// A block size diskit does not take is refused in qemu-img's words (iotest 084).
+#[test]
+fn vdi_bad_block_size_message_matches_qemu_img() {
+    require_qemu!();
+    let d = tmpdir();
+    for bs in [1_048_575u32, 1_114_112] {
+        ok(qemu_img(
+            d.path(),
+            &["create", "-q", "-f", "vdi", "b.vdi", "1M"],
+        ));
+        put32(&p(d.path(), "b.vdi"), 376, bs);
+        same_as_qemu(d.path(), &["info", "b.vdi"]);
+    }
+}

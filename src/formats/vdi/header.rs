@@ -291,8 +291,9 @@ impl Header {
             || (block_size as u64) < SECTOR
             || block_size > BLOCK_SIZE_MAX
         {
+            // in qemu's words (qemu takes 1 MiB only; diskit any power of two up to 1 GiB)
             return Err(Error::unsupported(format!(
-                "unsupported VDI image (block size {block_size} is not a power of two between 512 and {BLOCK_SIZE_MAX})"
+                "unsupported VDI image (block size {block_size} is not 1048576)"
             )));
         }
         if block_extra as u64 % SECTOR != 0 || block_extra > BLOCK_SIZE_MAX {
