@@ -557,22 +557,6 @@ fn unaligned_preallocated_cluster_is_repaired_like_qemu() {
     }
 }
 
-/// Where the snapshot table entries of an image start.
-fn snapshot_entries(path: &Path) -> Vec<u64> {
-    let b = std::fs::read(path).unwrap();
-    let nb = u32::from_be_bytes(b[60..64].try_into().unwrap());
-    let mut off = rd64(&b, 64);
-    let be16 = |o: u64| u16::from_be_bytes([b[o as usize], b[o as usize + 1]]) as u64;
-    let be32 = |o: u64| u32::from_be_bytes(b[o as usize..o as usize + 4].try_into().unwrap());
-    let mut v = Vec::new();
-    for _ in 0..nb {
-        v.push(off);
-        let len = 40 + be32(off + 36) as u64 + be16(off + 12) + be16(off + 14);
-        off += len.div_ceil(8) * 8;
-    }
-    v
-}
-
 /// Snapshot IDs and names end at a NUL, as qemu reads them (C strings; iotest 261 fills
 /// them with NULs): `snapshot -l`, `info` and `check` show them so.
 #[test]

@@ -216,16 +216,21 @@ fn repeated_options_take_the_last_value() {
 
 /// `--image-opts` on the verbs that read one or two images: the specification names the file
 /// and the driver; output, errors and exit codes as qemu-img's.
-#[test]
-fn image_opts_on_reading_verbs_match_qemu_img() {
-    require_qemu!();
-    let dir = tmpdir();
-    let d = dir.path();
+/// `a.qcow2`: 4 MiB with 64 KiB of data at 0.
+fn data_qcow2(d: &std::path::Path) {
     ok(qemu_img(
         d,
         &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
     ));
     ok(qemu_io(d, "qcow2", "a.qcow2", &["write -P 1 0 64k"]));
+}
+
+#[test]
+fn image_opts_on_reading_verbs_match_qemu_img() {
+    require_qemu!();
+    let dir = tmpdir();
+    let d = dir.path();
+    data_qcow2(d);
     ok(qemu_img(d, &["create", "-q", "-f", "raw", "r.raw", "4M"]));
     let q = "driver=qcow2,file.filename=a.qcow2";
     for args in [
@@ -292,11 +297,7 @@ fn image_opts_on_writing_verbs_match_qemu_img() {
     require_qemu!();
     let dir = tmpdir();
     let d = dir.path();
-    ok(qemu_img(
-        d,
-        &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
-    ));
-    ok(qemu_io(d, "qcow2", "a.qcow2", &["write -P 1 0 64k"]));
+    data_qcow2(d);
     ok(qemu_img(d, &["snapshot", "-c", "s1", "a.qcow2"]));
     let ov = [
         "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "o.qcow2",

@@ -328,14 +328,8 @@ fn oversized_snapshot_extra_data_like_qemu() {
         ok(qemu_img(dir, &["snapshot", "-c", n, "s.qcow2"]));
     }
     let p = dir.join("s.qcow2");
-    let raw = std::fs::read(&p).unwrap();
-    let table = u64::from_be_bytes(raw[64..72].try_into().unwrap());
-    let first = table as usize;
-    let id = u16::from_be_bytes([raw[first + 12], raw[first + 13]]) as usize;
-    let name = u16::from_be_bytes([raw[first + 14], raw[first + 15]]) as usize;
-    let extra = u32::from_be_bytes(raw[first + 36..first + 40].try_into().unwrap()) as usize;
-    let second = (first + 40 + extra + id + name).div_ceil(8) * 8;
-    patch(&p, second as u64 + 36, &4096u32.to_be_bytes());
+    let second = snapshot_entries(&p)[1];
+    patch(&p, second + 36, &4096u32.to_be_bytes());
     let out = same_as_qemu(dir, &["info", "s.qcow2"]);
     assert!(stderr(&out).contains("snapshot table entry 1\nYou can force-remove"));
     same_as_qemu(dir, &["check", "s.qcow2"]);
@@ -357,7 +351,8 @@ fn incomplete_snapshot_entries_are_repaired_like_qemu() {
     }
     let p = dir.join("s.qcow2");
     let raw = std::fs::read(&p).unwrap();
-    let table = u64::from_be_bytes(raw[64..72].try_into().unwrap()) as usize;
+    let at = snapshot_entries(&p);
+    let (table, second) = (at[0] as usize, at[1] as usize);
     // the first entry keeps 8 of its 24 bytes of extra data; the second follows it
     let e = |at: usize| {
         let id = u16::from_be_bytes([raw[at + 12], raw[at + 13]]) as usize;
@@ -366,7 +361,6 @@ fn incomplete_snapshot_entries_are_repaired_like_qemu() {
         (id + name, extra)
     };
     let (ids0, ex0) = e(table);
-    let second = (table + 40 + ex0 + ids0).div_ceil(8) * 8;
     let (ids1, ex1) = e(second);
     let mut t = raw[table..table + 40].to_vec();
     t[36..40].copy_from_slice(&8u32.to_be_bytes());
@@ -433,24 +427,19 @@ fn hostile_headers_are_refused() {
     assert!(open_err(&p).contains("Unsupported qcow2 version 4"));
 
     // encryption: diskit has no key to give, as qemu-img without --object secret
-    let p = mk("enc.qcow2");
-    patch(&p, 32, &1u32.to_be_bytes());
-    let e = open_err(&p);
-    assert!(
-        e.contains("Parameter 'encrypt.key-secret' is required for cipher"),
-        "{e}"
-    );
-    let p = mk("luks.qcow2");
-    patch(&p, 32, &2u32.to_be_bytes());
-    let e = open_err(&p);
-    assert!(
-        e.contains("Missing CRYPTO header for crypt method 2"),
-        "{e}"
-    );
-    let p = mk("enc3.qcow2");
-    patch(&p, 32, &3u32.to_be_bytes());
-    let e = open_err(&p);
-    assert!(e.contains("Unsupported encryption method 3"), "{e}");
+    for (method, expected) in [
+        (
+            1u32,
+            "Parameter 'encrypt.key-secret' is required for cipher",
+        ),
+        (2, "Missing CRYPTO header for crypt method 2"),
+        (3, "Unsupported encryption method 3"),
+    ] {
+        let p = mk(&format!("enc{method}.qcow2"));
+        patch(&p, 32, &method.to_be_bytes());
+        let e = open_err(&p);
+        assert!(e.contains(expected), "{e}");
+    }
 
     // L2 table pointer that is not cluster aligned: read fails cleanly
     let p = mk("l2.qcow2");

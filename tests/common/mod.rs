@@ -281,3 +281,19 @@ pub fn hold(dir: &std::path::Path, fmt: &str, image: &str, ro: bool) -> std::pro
     let _ = child.wait();
     panic!("qemu-io did not lock {image}");
 }
+
+/// Where the snapshot table entries of a qcow2 image start (from its header).
+pub fn snapshot_entries(path: &Path) -> Vec<u64> {
+    let b = std::fs::read(path).unwrap();
+    let nb = u32::from_be_bytes(b[60..64].try_into().unwrap());
+    let mut off = u64::from_be_bytes(b[64..72].try_into().unwrap());
+    let be16 = |o: u64| u16::from_be_bytes([b[o as usize], b[o as usize + 1]]) as u64;
+    let be32 = |o: u64| u32::from_be_bytes(b[o as usize..o as usize + 4].try_into().unwrap());
+    let mut v = Vec::new();
+    for _ in 0..nb {
+        v.push(off);
+        let len = 40 + be32(off + 36) as u64 + be16(off + 12) + be16(off + 14);
+        off += len.div_ceil(8) * 8;
+    }
+    v
+}

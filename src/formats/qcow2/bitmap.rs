@@ -7,7 +7,7 @@
 //! and tables first, then the new directory, then the header extension, and only then are
 //! the old clusters freed.
 
-use super::header::{self, BitmapsExt, Header};
+use super::header::{self, be32, be64, BitmapsExt, Header};
 use super::tables::Meta;
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
@@ -242,16 +242,6 @@ fn inconsistent(name: &str) -> Error {
     bitmap_err(format!(
         "Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk"
     ))
-}
-
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
-fn be64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_be_bytes(a)
 }
 
 impl Qcow2 {

@@ -16,7 +16,7 @@
 //! - OFLAG_COPIED: fixed once the refcounts are right;
 //! - dirty and corrupt bits: cleared last, when nothing is left to repair.
 
-use super::header::{self, Header};
+use super::header::{self, be64, Header};
 use super::{tables::Meta, REFT_OFFSET_MASK};
 use super::{Qcow2, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::error::{Error, ErrorKind, Result};
@@ -60,10 +60,6 @@ struct Pass<'a> {
     snapshots_size: u64,
     /// `-r all`: L2 entries are repaired while they are walked.
     fix_errors: bool,
-}
-
-fn be64(b: &[u8], i: usize) -> u64 {
-    u64::from_be_bytes(b[i..i + 8].try_into().unwrap())
 }
 
 impl Pass<'_> {

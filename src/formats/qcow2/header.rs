@@ -164,10 +164,13 @@ pub struct Header {
     pub backing_file: Option<String>,
 }
 
-fn be32(b: &[u8], o: usize) -> u32 {
+/// The big-endian u32 at `o` of `b`.
+pub(crate) fn be32(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes(b[o..o + 4].try_into().unwrap())
 }
-fn be64(b: &[u8], o: usize) -> u64 {
+
+/// The big-endian u64 at `o` of `b`.
+pub(crate) fn be64(b: &[u8], o: usize) -> u64 {
     u64::from_be_bytes(b[o..o + 8].try_into().unwrap())
 }
 

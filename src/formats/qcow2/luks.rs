@@ -5,6 +5,7 @@
 //! mode and hash as NUL-padded strings, the payload offset and key size, the master key
 //! digest, its salt and iterations, the UUID, then eight key slots.
 
+use super::header::be32;
 use crate::error::{Error, Result};
 use crate::io::HostFile;
 use crate::qjson::{Json, Obj};
@@ -15,10 +16,6 @@ const HEADER_LEN: usize = 592;
 const SLOT_ENABLED: u32 = 0x00AC_71F3;
 const SLOTS: usize = 8;
 const SECTOR: u64 = 512;
-
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes(b[o..o + 4].try_into().unwrap())
-}
 
 fn text(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
