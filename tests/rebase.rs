@@ -392,3 +392,41 @@ fn rebase_progress_and_library_call() {
     assert_eq!(backing_of(t.path(), "top.qcow2"), (None, None));
     check_clean(t.path(), "top.qcow2");
 }
+
+/// `rebase -u -F` records any driver name qemu knows (iotest 031 records `host_device`);
+/// a name qemu does not know is refused as qemu-img refuses it.
+#[test]
+fn rebase_unsafe_records_any_qemu_driver_name() {
+    require_qemu!();
+    let t = tmpdir();
+    let d = t.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "h.qcow2", "1M"],
+    ));
+    for fmt in ["host_device", "nbd", "nonesuch"] {
+        let (qd, dd) = (d.join("q"), d.join("d"));
+        for dir in [&qd, &dd] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::copy(d.join("h.qcow2"), dir.join("h.qcow2")).unwrap();
+        }
+        let args = [
+            "rebase",
+            "-u",
+            "-b",
+            "/some/backing/file/path",
+            "-F",
+            fmt,
+            "h.qcow2",
+        ];
+        let (q, k) = (qemu_img(&qd, &args), diskit_as_qemu(&dd, &args));
+        assert_eq!(stderr(&k), stderr(&q), "{fmt}");
+        assert_eq!(k.status.code(), q.status.code(), "{fmt}");
+        assert!(
+            std::fs::read(qd.join("h.qcow2")).unwrap()
+                == std::fs::read(dd.join("h.qcow2")).unwrap(),
+            "{fmt}"
+        );
+        same_as_qemu(&dd, &["info", "-U", "h.qcow2"]);
+    }
+}

@@ -24,6 +24,53 @@ pub use options::{CreateOpts, OptDesc, OptKind};
 /// The maximum depth of a backing chain (qemu's limit is 1000 too).
 pub const MAX_BACKING_DEPTH: usize = crate::limits::MAX_BACKING_DEPTH;
 
+/// Every block driver qemu-img 10 knows (its `--help`): names it takes as a backing format
+/// to record (`rebase -u -F host_device`), though diskit opens only its four formats.
+pub const QEMU_DRIVER_NAMES: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
 /// The image formats diskit knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {

@@ -109,7 +109,9 @@ pub fn rebase(
         ));
     }
     if let Some(f) = &o.backing_format {
-        if Format::from_name(f).is_err() {
+        // with -u the name is only recorded: any driver qemu knows will do
+        let recorded = o.unsafe_mode && formats::QEMU_DRIVER_NAMES.contains(&f.as_str());
+        if Format::from_name(f).is_err() && !recorded {
             return Err(Error::invalid_arg(format!("Invalid format name: '{f}'")));
         }
     }
