@@ -430,3 +430,61 @@ fn rebase_unsafe_records_any_qemu_driver_name() {
         same_as_qemu(&dd, &["info", "-U", "h.qcow2"]);
     }
 }
+
+/// Rewriting the header keeps an extension qemu does not know, after the ones it writes
+/// (feature table included), as qemu does: the header cluster is qemu-img's byte for byte
+/// (iotest 031).
+#[test]
+fn rebase_unsafe_keeps_unknown_extensions_in_qemu_order() {
+    require_qemu!();
+    let t = tmpdir();
+    let d = t.path();
+    for compat in ["0.10", "1.1"] {
+        let opt = format!("compat={compat}");
+        let _ = std::fs::remove_file(d.join("u.qcow2"));
+        ok(qemu_img(
+            d,
+            &["create", "-q", "-f", "qcow2", "-o", &opt, "u.qcow2", "64M"],
+        ));
+        // append an unknown extension where the extensions end
+        let p = d.join("u.qcow2");
+        let mut b = std::fs::read(&p).unwrap();
+        let mut off = if compat == "0.10" {
+            72
+        } else {
+            u32::from_be_bytes(b[100..104].try_into().unwrap()) as usize
+        };
+        while u32::from_be_bytes(b[off..off + 4].try_into().unwrap()) != 0 {
+            let len = u32::from_be_bytes(b[off + 4..off + 8].try_into().unwrap()) as usize;
+            off += 8 + len.div_ceil(8) * 8;
+        }
+        let data = b"This is a test header extension";
+        b[off..off + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        b[off + 4..off + 8].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        b[off + 8..off + 8 + data.len()].copy_from_slice(data);
+        b[off + 40..off + 48].fill(0);
+        std::fs::write(&p, &b).unwrap();
+        for args in [
+            &["rebase", "-u", "-b", "", "u.qcow2"][..],
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "/some/backing/file/path",
+                "-F",
+                "qcow2",
+                "u.qcow2",
+            ],
+        ] {
+            let (qd, dd) = (d.join("q"), d.join("d"));
+            for dir in [&qd, &dd] {
+                std::fs::create_dir_all(dir).unwrap();
+                std::fs::copy(&p, dir.join("u.qcow2")).unwrap();
+            }
+            ok(qemu_img(&qd, args));
+            ok(diskit(&dd, args));
+            let head = |dir: &Path| std::fs::read(dir.join("u.qcow2")).unwrap()[..65536].to_vec();
+            assert!(head(&qd) == head(&dd), "compat={compat} {args:?}");
+        }
+    }
+}

@@ -28,8 +28,9 @@ enum Mode {
 pub struct Progress {
     mode: Mode,
     min_skip: f64,
-    /// Print 0% again when told 0% again (qemu-img does; convert's engine reports its
-    /// start once more than qemu-img's copy loop, so it does not).
+    /// A sequential caller: print 0% again when told 0% again, and steps back (qemu-img
+    /// does both; convert's engine reports its start once more than qemu-img's copy loop,
+    /// and its workers report out of order).
     repeat_zero: bool,
     state: Mutex<(f64, f64)>, // (current, last printed)
     start: Instant,
@@ -73,7 +74,8 @@ impl Progress {
         }
     }
 
-    /// Prints every 0% it is told, as qemu-img's progress does.
+    /// Prints every 0% it is told and every step back, as qemu-img's progress does (for a
+    /// caller that reports in order).
     pub fn repeating_zero(mut self) -> Progress {
         self.repeat_zero = true;
         self
@@ -95,8 +97,10 @@ impl Progress {
                 }
             }
             Mode::Text => {
-                // a step back too (amend's projected totals can shrink), as qemu-img
-                let moved = pct >= st.1 + self.min_skip || pct < st.1 - self.min_skip;
+                // a step back too where the caller is sequential (amend's projected totals
+                // can shrink), as qemu-img; a parallel copy's late reports are not steps back
+                let back = self.repeat_zero && pct < st.1 - self.min_skip;
+                let moved = pct >= st.1 + self.min_skip || back;
                 if moved || pct == 100.0 || pct == 0.0 {
                     if pct == 0.0 && st.1 == 0.0 && !self.repeat_zero {
                         return;

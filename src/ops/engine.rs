@@ -6,7 +6,7 @@
 //! with `out_of_order`, as soon as they are ready. Memory is bounded by the items in flight:
 //! `workers × chunk_size`, whatever the image size.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Condvar, Mutex};
 
@@ -190,7 +190,8 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
     let turn = Condvar::new();
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let done = AtomicU64::new(0);
+    // bytes done; counted and reported under one lock, so that reports arrive in order
+    let done = Mutex::new(0u64);
     let stats = Mutex::new(CopyStats::default());
     let start = std::time::Instant::now();
     let offload = AtomicBool::new(p.copy_offload);
@@ -240,14 +241,18 @@ pub fn copy(p: &CopyParams) -> Result<CopyStats> {
                             } else {
                                 item.len
                             };
-                            let d = done.fetch_add(n, Ordering::SeqCst) + n;
-                            if let Some(cb) = p.progress {
-                                // by data, only where some was copied (qemu-img prints 100%
-                                // once when the data is done, and once at the end)
-                                if n > 0 || !p.progress_by_data {
-                                    cb(d, total);
+                            let d = {
+                                let mut g = done.lock().unwrap_or_else(|e| e.into_inner());
+                                *g += n;
+                                if let Some(cb) = p.progress {
+                                    // by data, only where some was copied (qemu-img prints
+                                    // 100% once when the data is done, and once at the end)
+                                    if n > 0 || !p.progress_by_data {
+                                        cb(*g, total);
+                                    }
                                 }
-                            }
+                                *g
+                            };
                             if let Some(rate) = p.rate {
                                 throttle(d, rate, start);
                             }

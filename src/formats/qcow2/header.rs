@@ -574,14 +574,9 @@ impl Header {
         if let Some(d) = &self.data_file {
             exts.push((EXT_DATA_FILE, d.as_bytes().to_vec()));
         }
-        if let Some(bm) = &self.bitmaps {
-            let mut d = vec![0u8; 24];
-            d[0..4].copy_from_slice(&bm.nb_bitmaps.to_be_bytes());
-            d[8..16].copy_from_slice(&bm.directory_size.to_be_bytes());
-            d[16..24].copy_from_slice(&bm.directory_offset.to_be_bytes());
-            exts.push((EXT_BITMAPS, d));
-        }
-        for e in &self.unknown_exts {
+        // in qemu's order: backing format, data file, crypto header, feature table, bitmaps,
+        // then the extensions it does not know
+        for e in self.unknown_exts.iter().filter(|e| e.kind == EXT_CRYPTO) {
             exts.push((e.kind, e.data.clone()));
         }
         if self.version >= 3 && !self.feature_names.is_empty() {
@@ -596,6 +591,16 @@ impl Header {
                 d.extend_from_slice(&e);
             }
             exts.push((EXT_FEATURE_TABLE, d));
+        }
+        if let Some(bm) = &self.bitmaps {
+            let mut d = vec![0u8; 24];
+            d[0..4].copy_from_slice(&bm.nb_bitmaps.to_be_bytes());
+            d[8..16].copy_from_slice(&bm.directory_size.to_be_bytes());
+            d[16..24].copy_from_slice(&bm.directory_offset.to_be_bytes());
+            exts.push((EXT_BITMAPS, d));
+        }
+        for e in self.unknown_exts.iter().filter(|e| e.kind != EXT_CRYPTO) {
+            exts.push((e.kind, e.data.clone()));
         }
         for (kind, data) in exts {
             let need = 8 + data.len().div_ceil(8) * 8;
