@@ -197,7 +197,8 @@ pub fn encode_table(t: &[u32], len: usize) -> Vec<u8> {
 /// messages QEMU uses where it has one.
 pub fn validate_geometry(capacity: u64, grain_sectors: u64, gtes_per_gt: u32) -> Result<u32> {
     // qemu's checks in its order and words
-    let l1_entry_sectors = gtes_per_gt as u64 * grain_sectors;
+    // (a product that wraps, as in qemu's C; the granularity check below refuses it then)
+    let l1_entry_sectors = (gtes_per_gt as u64).wrapping_mul(grain_sectors);
     if l1_entry_sectors == 0 {
         return Err(Error::invalid_image("L1 entry size is invalid"));
     }
@@ -259,6 +260,8 @@ mod tests {
         assert!(validate_geometry(1 << 20, 1 << 20, 512).is_err());
         assert!(validate_geometry(u64::MAX, 128, 512).is_err());
         assert!(validate_geometry(1 << 50, 1, 1).is_err());
+        // a grain size whose product with the table length overflows (found by fuzzing)
+        assert!(validate_geometry(4096, 0xffff_ffff_ff1e_0080, 512).is_err());
         assert_eq!(validate_geometry(20480, 128, 512).unwrap(), 1);
     }
 }
