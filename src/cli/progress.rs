@@ -31,7 +31,7 @@ pub struct Progress {
     /// A sequential caller: print 0% again when told 0% again, and steps back (qemu-img
     /// does both; convert's engine reports its start once more than qemu-img's copy loop,
     /// and its workers report out of order).
-    repeat_zero: bool,
+    sequential: bool,
     state: Mutex<(f64, f64)>, // (current, last printed)
     start: Instant,
 }
@@ -68,7 +68,7 @@ impl Progress {
         Progress {
             mode,
             min_skip,
-            repeat_zero: false,
+            sequential: false,
             state: Mutex::new((0.0, -1.0)),
             start: Instant::now(),
         }
@@ -76,8 +76,8 @@ impl Progress {
 
     /// Prints every 0% it is told and every step back, as qemu-img's progress does (for a
     /// caller that reports in order).
-    pub fn repeating_zero(mut self) -> Progress {
-        self.repeat_zero = true;
+    pub fn sequential(mut self) -> Progress {
+        self.sequential = true;
         self
     }
 
@@ -99,10 +99,10 @@ impl Progress {
             Mode::Text => {
                 // a step back too where the caller is sequential (amend's projected totals
                 // can shrink), as qemu-img; a parallel copy's late reports are not steps back
-                let back = self.repeat_zero && pct < st.1 - self.min_skip;
+                let back = self.sequential && pct < st.1 - self.min_skip;
                 let moved = pct >= st.1 + self.min_skip || back;
                 if moved || pct == 100.0 || pct == 0.0 {
-                    if pct == 0.0 && st.1 == 0.0 && !self.repeat_zero {
+                    if pct == 0.0 && st.1 == 0.0 && !self.sequential {
                         return;
                     }
                     st.1 = pct;

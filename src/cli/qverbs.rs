@@ -315,7 +315,7 @@ pub fn amend(argv: &[String]) -> VerbResult {
         return Err(CliError::Usage("Must specify options (-o)".into(), "amend"));
     };
     // from here on qemu-img ends its progress line (a newline) whatever happens
-    let bar = Progress::new(progress && !quiet, false, 1.0).repeating_zero();
+    let bar = Progress::new(progress && !quiet, false, 1.0).sequential();
     let r = amend_image(&bar, options, format, force, image_opts, files);
     bar.finish();
     r

@@ -811,10 +811,13 @@ impl Qcow2 {
                 rep.check_errors += 1;
                 rep.corruptions_fixed -= cut;
                 rep.corruptions += cut;
-                rep.findings.push(repair_note(format!(
-                    "ERROR failed to update snapshot table: {}",
-                    errno_text(&e)
-                )));
+                rep.findings.push(Finding {
+                    repaired: false,
+                    ..repair_note(format!(
+                        "ERROR failed to update snapshot table: {}",
+                        errno_text(&e)
+                    ))
+                });
             }
         }
         match r {
@@ -873,11 +876,7 @@ impl Qcow2 {
                 kind: "snapshot".into(),
                 cluster: None,
                 offset: Some(hdr.snapshots_offset),
-                message: format!(
-                    "{}: ERROR {}",
-                    prog_name(),
-                    e.message().split(" (").next().unwrap_or("")
-                ),
+                message: format!("{}: ERROR {}", prog_name(), e.message()),
                 repaired: false,
             });
             if hdr.nb_snapshots as u64 > header::MAX_SNAPSHOTS {

@@ -117,7 +117,11 @@ pub fn compress_into(
             let mut slot = cell.borrow_mut();
             // qemu inflates with a 4 KiB window: never compress with a larger one.
             let c = slot.get_or_insert_with(|| {
-                Compress::new_with_window_bits(flate2::Compression::new(ZLIB_LEVEL), false, 12)
+                Compress::new_with_window_bits(
+                    flate2::Compression::new(ZLIB_LEVEL),
+                    false,
+                    ZLIB_WINDOW.trailing_zeros() as u8,
+                )
             });
             c.reset();
             // compress_vec writes into the spare capacity only: that bounds the output

@@ -404,11 +404,6 @@ impl Qcow2 {
             )));
         }
         let mut list = read_table(self)?;
-        if list.len() as u64 >= super::header::MAX_SNAPSHOTS {
-            return Err(Error::too_large(format!(
-                "Could not create snapshot '{name}': File too large"
-            )));
-        }
         let id_max = list
             .iter()
             .map(|s| leading_number(&s.id))
